@@ -1,0 +1,1 @@
+"""What acts and what learns to act: exploration policies, controller, CMA-ES, rollouts."""

@@ -1,0 +1,166 @@
+"""`python run.py collect`: rollouts of an exploration policy in the real env.
+
+Each episode is written by its worker as one ``.npz`` (temporary name, then
+rename), so a rerun skips finished episodes and a kill loses only the episodes
+in flight.  A manifest summarises the episodes; it is rebuilt from the files
+when it is behind.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import envs
+from agents.policies import make_policy
+from agents.workers import run_tasks
+from worldmodel.config import CollectConfig, EnvConfig
+from worldmodel.episodes import (
+    episode_index,
+    episode_path,
+    list_episodes,
+    load_episode,
+    read_manifest,
+    save_episode,
+    write_manifest,
+)
+from worldmodel.errors import UserError
+from worldmodel.runs import Run
+
+MANIFEST_EVERY_S = 5.0
+
+
+def episode_seed(base: int, index: int) -> int:
+    """A seed per episode, independent of the others and of evaluation seeds."""
+    return int(np.random.SeedSequence([base, index]).generate_state(1)[0])
+
+
+@lru_cache(maxsize=2)
+def _worker_env(name: str, frame_skip: int, max_steps: int):
+    # One env per worker process, reused across episodes: starting ViZDoom costs ~0.1 s.
+    return envs.make(name, frame_skip=frame_skip, max_steps=max_steps)
+
+
+def run_episode(env, policy, seed: int, max_steps: int) -> dict[str, np.ndarray]:
+    """One episode under ``policy``; arrays as in worldmodel/episodes.py."""
+    obs, _ = env.reset(seed=seed)
+    policy.reset(np.random.default_rng(seed))
+    frames, actions, rewards, terminals = [], [], [], []
+    terminated = truncated = False
+    while not (terminated or truncated):
+        action = np.asarray(policy.act(obs), np.float32).reshape(env.action_space.shape)
+        frames.append(obs)
+        actions.append(action)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        truncated = truncated or len(frames) >= max_steps
+        rewards.append(reward)
+        terminals.append(terminated)
+    done = np.zeros(len(frames), bool)
+    done[-1] = True
+    return {
+        "obs": np.stack(frames).astype(np.uint8),
+        "action": np.stack(actions).astype(np.float32),
+        "reward": np.asarray(rewards, np.float32),
+        "done": done,
+        "terminated": np.asarray(terminals, bool),
+    }
+
+
+def collect_episode(task: dict) -> dict:
+    """Worker entry point: play one episode and write its file."""
+    env_cfg = EnvConfig(**task["env"])
+    collect_cfg = CollectConfig(**task["collect"])
+    env = _worker_env(env_cfg.name, env_cfg.frame_skip, env_cfg.max_steps)
+    policy = make_policy(collect_cfg, env.action_space)
+    start = time.perf_counter()
+    episode = run_episode(env, policy, task["seed"], collect_cfg.max_steps)
+    save_episode(task["path"], episode)
+    return {
+        "steps": int(len(episode["reward"])),
+        "return": float(episode["reward"].sum()),
+        "terminated": bool(episode["terminated"][-1]),
+        "seed": task["seed"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _summary(path: Path) -> dict:
+    data = load_episode(path, keys=("reward", "terminated"))
+    return {"steps": int(len(data["reward"])), "return": float(data["reward"].sum()),
+            "terminated": bool(data["terminated"][-1])}
+
+
+def sync_manifest(folder: Path) -> dict:
+    """The manifest, with entries for files it missed and none for files that are gone."""
+    manifest = read_manifest(folder)
+    entries = manifest.setdefault("episodes", {})
+    present = {p.name: p for p in list_episodes(folder)}
+    for name in list(entries):
+        if name not in present:
+            del entries[name]
+    for name, path in present.items():
+        if name not in entries:
+            entries[name] = _summary(path)
+    return manifest
+
+
+def collect(run: Run, workers: int | None = None, backend: str | None = None,
+            progress: bool = True) -> dict:
+    """Collect ``collect.episodes`` episodes into ``run.episodes_dir``; resume if some exist."""
+    cfg = run.cfg
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1")
+    folder = run.episodes_dir
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = sync_manifest(folder)
+    done_names = set(manifest["episodes"])
+    todo = [i for i in range(cfg.collect.episodes) if episode_path(folder, i).name not in done_names]
+    tasks = [
+        {"name": f"episode {i}", "index": i, "seed": episode_seed(cfg.collect.seed, i),
+         "path": str(episode_path(folder, i)), "env": vars(cfg.env), "collect": vars(cfg.collect)}
+        for i in todo
+    ]
+    bar = tqdm(total=cfg.collect.episodes, initial=cfg.collect.episodes - len(todo), unit="ep",
+               desc=f"collect {cfg.env.name}", disable=not progress)
+    steps, start, last_write = 0, time.perf_counter(), time.perf_counter()
+    try:
+        for task, result in run_tasks(collect_episode, tasks, workers or cfg.collect.workers,
+                                      backend or cfg.system.backend, cfg.system.task_timeout,
+                                      ray_address=cfg.system.ray_address):
+            manifest["episodes"][Path(task["path"]).name] = result
+            steps += result["steps"]
+            bar.update(1)
+            bar.set_postfix(steps_per_s=f"{steps / (time.perf_counter() - start):.0f}")
+            if time.perf_counter() - last_write > MANIFEST_EVERY_S:
+                write_manifest(folder, manifest)
+                last_write = time.perf_counter()
+    finally:
+        bar.close()
+        write_manifest(folder, manifest)
+    elapsed = time.perf_counter() - start
+    entries = manifest["episodes"].values()
+    returns = [e["return"] for e in entries]
+    summary = {
+        "episodes": len(manifest["episodes"]),
+        "new_episodes": len(tasks),
+        "steps": int(sum(e["steps"] for e in entries)),
+        "new_steps": steps,
+        "steps_per_s": steps / elapsed if tasks else 0.0,
+        "mean_return": float(np.mean(returns)) if returns else 0.0,
+        "folder": str(folder),
+    }
+    return summary
+
+
+def episode_files(run: Run) -> list[Path]:
+    """The run's episodes in index order; an error when there are none."""
+    files = list_episodes(run.episodes_dir)
+    if not files:
+        raise UserError(f"{run.episodes_dir}: no collected episodes; run `python run.py collect` first")
+    return sorted(files, key=episode_index)

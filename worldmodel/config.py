@@ -1,0 +1,307 @@
+"""Typed configuration: the single source of truth for every hyperparameter.
+
+A config is a tree of dataclasses, one section per stage.  YAML presets in
+``configs/`` fill it, ``--set section.key=value`` overrides single fields, and
+:func:`validate` rejects unknown keys, wrong types and out-of-range values with
+a message that names the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from worldmodel.errors import UserError
+
+
+def _f(default: Any, *, low: float | None = None, high: float | None = None,
+       choices: tuple | None = None, doc: str = "") -> Any:
+    """A config field with its allowed range (inclusive) or choices."""
+    meta = {"low": low, "high": high, "choices": choices, "doc": doc}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EnvConfig:
+    name: str = _f("takecover", choices=("takecover", "carracing"), doc="real environment")
+    frame_skip: int = _f(1, low=1, doc="env steps (game tics) per agent action")
+    max_steps: int = _f(2100, low=1, doc="episode cap; TakeCover 2100, CarRacing 1000")
+
+
+@dataclass
+class CollectConfig:
+    episodes: int = _f(100, low=1, doc="episodes to collect")
+    max_steps: int = _f(2100, low=1, doc="cap on steps per collected episode")
+    policy: str = _f("held_random", choices=("held_random", "random", "brownian"),
+                     doc="exploration policy (agents/policies.py)")
+    hold_min: int = _f(1, low=1, doc="held_random: shortest hold of an action")
+    hold_max: int = _f(10, low=1, doc="held_random: longest hold of an action")
+    brownian_dt: float = _f(0.02, low=0.0, doc="brownian: step size of the action random walk")
+    workers: Optional[int] = _f(None, low=1, doc="worker processes; null = one per core")
+    seed: int = _f(0, low=0, doc="base seed; episode i uses a seed derived from it and i")
+
+
+@dataclass
+class VAEConfig:
+    z_dim: int = _f(64, low=1, doc="latent size (paper: 64 TakeCover, 32 CarRacing)")
+    kl_tolerance: float = _f(0.5, low=0.0, doc="free bits: KL floored at kl_tolerance * z_dim")
+    beta: float = _f(1.0, low=0.0, doc="weight of the KL term (beta-VAE)")
+    lr: float = _f(1e-3, low=0.0, doc="Adam learning rate")
+    batch_size: int = _f(100, low=1)
+    epochs: int = _f(1, low=1)
+    val_fraction: float = _f(0.05, low=0.0, high=0.5, doc="share of episodes held out")
+    max_frames: Optional[int] = _f(None, low=1, doc="train on at most this many frames")
+    seed: int = _f(0, low=0)
+
+
+@dataclass
+class ModelConfig:
+    m: str = _f("mdnrnn", doc="which M module (worldmodel/registry)")
+    hidden: int = _f(256, low=1, doc="LSTM size (paper: 512 TakeCover, 256 CarRacing)")
+    mixtures: int = _f(5, low=1, doc="Gaussians per latent dimension")
+    seq_len: int = _f(64, low=2, doc="training subsequence length")
+    batch_size: int = _f(32, low=1)
+    lr: float = _f(1e-3, low=0.0)
+    epochs: int = _f(10, low=1)
+    grad_clip: float = _f(1.0, low=0.0)
+    reward_weight: float = _f(1.0, low=0.0, doc="weight of the reward loss")
+    done_weight: float = _f(1.0, low=0.0, doc="weight of the done loss")
+    done_pos_weight: float = _f(10.0, low=0.0, doc="BCE weight of the (rare) done=1 class")
+    predict_reward: bool = _f(True, doc="train a reward head (off for TakeCover: +1 alive)")
+    overshoot: int = _f(8, low=1, doc="belief: overshoot length K")
+    overshoot_weight: float = _f(1.0, low=0.0, doc="belief: weight of steps beyond the first")
+    val_fraction: float = _f(0.05, low=0.0, high=0.5)
+    seed: int = _f(0, low=0)
+
+
+@dataclass
+class ControllerConfig:
+    features: str = _f("zh", choices=("zh", "zch"), doc="what C sees: [z, h] or [z, c, h]")
+
+
+@dataclass
+class CMAESConfig:
+    population: int = _f(64, low=2)
+    rollouts: int = _f(16, low=1, doc="dreams per candidate; fitness is their mean")
+    generations: int = _f(100, low=1)
+    sigma0: float = _f(0.1, low=0.0)
+    temperature: float = _f(1.15, low=0.0, doc="tau: mixture logits / tau, sigma * sqrt(tau)")
+    max_steps: int = _f(2100, low=1, doc="dream length cap")
+    done: str = _f("threshold", choices=("threshold", "sample"), doc="how M's done head ends a dream")
+    done_threshold: float = _f(0.5, low=0.0, high=1.0)
+    eval_every: int = _f(10, low=0, doc="real-env check of the best every N generations; 0 = never")
+    eval_episodes: int = _f(8, low=1)
+    seed: int = _f(0, low=0)
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = _f(100, low=1)
+    seed: int = _f(10_000, low=0, doc="first seed; held apart from collection seeds")
+    workers: Optional[int] = _f(None, low=1, doc="worker processes; null = one per core")
+    video_episodes: int = _f(3, low=0)
+
+
+@dataclass
+class SystemConfig:
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present")
+    backend: str = _f("local", choices=("local", "ray"), doc="where real-env work runs")
+    ray_address: Optional[str] = _f(None, doc="Ray cluster address; null = RAY_ADDRESS or local")
+    task_timeout: float = _f(1800.0, low=1.0, doc="seconds before a worker task counts as hung")
+
+
+@dataclass
+class Config:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    cmaes: CMAESConfig = field(default_factory=CMAESConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    name: str = "run"
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "name")
+
+
+# ----------------------------------------------------------------- conversion
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(type, optional) from a field annotation such as ``Optional[int]``."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"Optional": Optional, **vars(typing)})  # annotations are ours, not user text
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    base, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"config {key}: null is not allowed (expected {base.__name__})")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"config {key}: expected {base.__name__}, got {value!r}")
+
+
+def _check_range(key: str, value: Any, meta: dict) -> None:
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise UserError(f"config {key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and value < low:
+        raise UserError(f"config {key}: {value!r} is below the minimum {low}")
+    if high is not None and value > high:
+        raise UserError(f"config {key}: {value!r} is above the maximum {high}")
+
+
+def _set_field(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) == 1 and parts[0] == "name":
+        cfg.name = _coerce("name", value, str)
+        return
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise UserError(f"config {dotted}: unknown key (sections: {', '.join(SECTIONS)})")
+    section = getattr(cfg, parts[0])
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if parts[1] not in fields:
+        raise UserError(f"config {dotted}: unknown key (known: {', '.join(fields)})")
+    f = fields[parts[1]]
+    coerced = _coerce(dotted, value, f.type)
+    _check_range(dotted, coerced, dict(f.metadata))
+    setattr(section, parts[1], coerced)
+
+
+def from_dict(data: dict, base: Config | None = None, source: str = "config") -> Config:
+    """Build a Config from nested ``{section: {key: value}}``, starting at ``base``."""
+    cfg = dataclasses.replace(base) if base is not None else Config()
+    cfg = from_flat(to_flat(cfg))  # deep copy
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if section == "name":
+            _set_field(cfg, "name", values)
+            continue
+        if section not in SECTIONS:
+            raise UserError(f"{source}: unknown section {section!r} (sections: {', '.join(SECTIONS)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section {section!r} must be a mapping, got {values!r}")
+        for key, value in values.items():
+            _set_field(cfg, f"{section}.{key}", value)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_flat(cfg: Config) -> dict[str, Any]:
+    flat: dict[str, Any] = {"name": cfg.name}
+    for section in SECTIONS:
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def from_flat(flat: dict[str, Any]) -> Config:
+    cfg = Config()
+    for key, value in flat.items():
+        _set_field(cfg, key, value)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span several fields."""
+    if cfg.collect.hold_min > cfg.collect.hold_max:
+        raise UserError(
+            f"config collect.hold_min: {cfg.collect.hold_min} is above collect.hold_max {cfg.collect.hold_max}"
+        )
+
+
+# ----------------------------------------------------------------- files and overrides
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: config file not found")
+    if not path.is_file():
+        raise UserError(f"{path}: config path is not a file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config ({exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}: malformed YAML{where}") from None
+    return data if data is not None else {}
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Load a YAML preset; its file name (without .yaml) is the default config name."""
+    data = load_yaml(path)
+    if isinstance(data, dict) and "name" not in data:
+        data = {"name": Path(path).stem, **data}
+    return from_dict(data, source=str(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` -> (key, value); the value is read as YAML (``null``, ``1e-3``, ``true``)."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    flat = to_flat(cfg)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in flat:
+            _set_field(Config(), key, value)  # raises the unknown-key error
+        flat[key] = value
+    out = Config()
+    for key, value in flat.items():
+        _set_field(out, key, value)
+    validate(out)
+    return out
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def diff(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
+    fa, fb = to_flat(a), to_flat(b)
+    return {k: (fa[k], fb[k]) for k in fa if fa[k] != fb[k]}

@@ -1,0 +1,96 @@
+"""The interface every M (world model over V's latent z) implements, and the registry.
+
+The dream, the controller and evaluation only ever talk to M through these few
+methods, so the MDN-RNN, the belief-state model and TD-VAE are interchangeable.
+Adding a fourth M means one new file and one line in :data:`REGISTRY`.
+
+Time convention (as in the paper): at step t the controller sees
+``features(state_t, z_t)`` and picks ``a_t``; ``observe(state_t, z_t, a_t)``
+returns ``state_{t+1}``, from which M predicts ``z_{t+1}``, ``r_{t+1}`` and
+``d_{t+1}``.  Every tensor in a state has the batch dimension first, so the
+dream can index a state with a mask (``tuple(s[alive] for s in state)``).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from worldmodel.errors import UserError
+
+if TYPE_CHECKING:
+    from worldmodel.config import Config
+
+State = tuple[torch.Tensor, ...]
+
+#: name in ``model.m`` -> "module:Class".  Imported lazily.
+REGISTRY: dict[str, str] = {
+    "mdnrnn": "worldmodel.mdnrnn:MDNRNN",
+}
+
+
+class WorldModel(nn.Module, abc.ABC):
+    """M: dynamics over z.  Subclasses set ``z_dim``, ``action_dim`` and implement the methods."""
+
+    z_dim: int
+    action_dim: int
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, cfg: "Config", z_dim: int, action_dim: int) -> "WorldModel":
+        """Build the module with the sizes the config names."""
+
+    @abc.abstractmethod
+    def initial_state(self, batch_size: int) -> State:
+        """The state before the first step: a tuple of (B, ...) tensors on the model's device."""
+
+    @abc.abstractmethod
+    def feature_dim(self, mode: str) -> int:
+        """Width of :meth:`features` for ``mode`` (``controller.features``: "zh" or "zch")."""
+
+    @abc.abstractmethod
+    def features(self, state: State, z: torch.Tensor, mode: str) -> torch.Tensor:
+        """What the controller sees at step t.  z: (B, Z) -> (B, F)."""
+
+    @abc.abstractmethod
+    def observe(self, state: State, z: torch.Tensor, action: torch.Tensor) -> State:
+        """Filter one real step: consume z_t (B, Z) and a_t (B, A), return state_{t+1}."""
+
+    @abc.abstractmethod
+    def imagine_step(
+        self,
+        state: State,
+        z: torch.Tensor,
+        action: torch.Tensor,
+        temperature: float,
+        generator: torch.Generator | None = None,
+    ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One dream step from z_t (B, Z) and a_t (B, A).
+
+        Returns (state_{t+1}, z_{t+1} sampled at ``temperature`` (B, Z),
+        predicted reward r_{t+1} (B,), probability that the episode ended d_{t+1} (B,)).
+        """
+
+    @abc.abstractmethod
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training objective on a batch of real subsequences, term by term.
+
+        batch: ``z`` (B, T, Z) latents sampled from V's posterior, ``action`` (B, T, A),
+        ``reward`` (B, T), ``terminated`` (B, T) bool, ``mask`` (B, T) bool (False past
+        an episode's end).  Step t holds z_t, a_t and what followed a_t (r_{t+1}, d_{t+1}).
+        Returns a dict of scalar terms; ``"loss"`` is the total to minimise.
+        """
+
+
+def build_m(cfg: "Config", z_dim: int, action_dim: int) -> WorldModel:
+    """Instantiate the M module that ``cfg.model.m`` names."""
+    name = cfg.model.m
+    if name not in REGISTRY:
+        raise UserError(f"config model.m: unknown M module {name!r} (known: {', '.join(REGISTRY)})")
+    module_name, cls_name = REGISTRY[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls.from_config(cfg, z_dim=z_dim, action_dim=action_dim)

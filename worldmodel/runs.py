@@ -1,0 +1,117 @@
+"""One folder per run: the resolved config and everything the run makes.
+
+Layout (each file written atomically)::
+
+    runs/<name>/
+      config.yaml            resolved config
+      episodes/              ep_000000.npz ... + manifest.json   (collect)
+      latents/               ep_000000.npz (mu, logvar per step)  (train-vae)
+      vae.pt  vae_ckpt.pt    V weights; V training state           (train-vae)
+      m.pt    m_ckpt.pt      M weights; M training state           (train-rnn)
+      controller.pt cmaes.pkl  best controller; CMA-ES state       (dream)
+      metrics/<stage>.jsonl  one JSON record per line
+      plots/ videos/ eval.json
+
+Running a command again on the same folder continues it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from worldmodel import config as config_lib
+from worldmodel.config import Config
+from worldmodel.errors import UserError
+from worldmodel.io import write_text
+
+
+@dataclass(frozen=True)
+class Run:
+    dir: Path
+    cfg: Config
+
+    @property
+    def episodes_dir(self) -> Path:
+        return self.dir / "episodes"
+
+    @property
+    def latents_dir(self) -> Path:
+        return self.dir / "latents"
+
+    @property
+    def vae_path(self) -> Path:
+        return self.dir / "vae.pt"
+
+    @property
+    def m_path(self) -> Path:
+        return self.dir / "m.pt"
+
+    @property
+    def controller_path(self) -> Path:
+        return self.dir / "controller.pt"
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    def metrics_path(self, stage: str) -> Path:
+        (self.dir / "metrics").mkdir(parents=True, exist_ok=True)
+        return self.dir / "metrics" / f"{stage}.jsonl"
+
+
+def _check_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--run {path}: exists and is not a folder")
+
+
+def open_run(run_dir: str | os.PathLike | None, config_path: str | os.PathLike | None,
+             overrides: list[str] | None = None, create: bool = True) -> Run:
+    """Resolve the config of a run and make sure its folder exists.
+
+    A new run takes its config from ``config_path`` (default ``configs/smoke.yaml``
+    is not assumed: one of the two must exist).  An existing run keeps the config
+    stored in it; ``--set`` overrides are applied and recorded.  Passing a
+    ``--config`` that differs from the stored one is an error, so a rerun never
+    silently retrains a run under other settings.
+    """
+    overrides = overrides or []
+    stored_cfg = None
+    if run_dir is not None:
+        run_path = Path(run_dir)
+        _check_dir(run_path)
+        if (run_path / "config.yaml").exists():
+            stored_cfg = config_lib.from_dict(
+                config_lib.load_yaml(run_path / "config.yaml"), source=str(run_path / "config.yaml")
+            )
+    if config_path is None and stored_cfg is None:
+        where = f"run folder {run_dir} has no config.yaml" if run_dir else "no --run given"
+        raise UserError(f"--config is required ({where})")
+
+    if config_path is not None:
+        cfg = config_lib.load(config_path)
+        if run_dir is None:
+            run_path = Path("runs") / cfg.name
+            _check_dir(run_path)
+            if (run_path / "config.yaml").exists():
+                stored_cfg = config_lib.from_dict(
+                    config_lib.load_yaml(run_path / "config.yaml"), source=str(run_path / "config.yaml")
+                )
+        if stored_cfg is not None:
+            cfg = config_lib.from_dict({"name": stored_cfg.name}, base=cfg)
+            changed = config_lib.diff(stored_cfg, cfg)
+            if changed:
+                keys = ", ".join(sorted(changed)[:5])
+                raise UserError(
+                    f"{run_path}/config.yaml differs from {config_path} ({keys}); "
+                    "use --set to change a field of this run, or another --run"
+                )
+    else:
+        cfg = stored_cfg
+
+    cfg = config_lib.apply_overrides(cfg, overrides)
+    if create:
+        run_path.mkdir(parents=True, exist_ok=True)
+        if stored_cfg is None or config_lib.diff(stored_cfg, cfg):
+            write_text(run_path / "config.yaml", config_lib.dump(cfg))
+    return Run(dir=run_path, cfg=cfg)

@@ -1,0 +1,31 @@
+"""Device choice and thread settings."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from worldmodel.errors import UserError
+
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("config system.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def single_thread() -> None:
+    """Pin this process to one BLAS / torch thread.
+
+    Worker processes that keep the default pools oversubscribe a small machine,
+    and ViZDoom (whose engine busy-waits) then collapses (docs/benchmarks.md).
+    """
+    for var in THREAD_ENV_VARS:
+        os.environ[var] = "1"
+    torch.set_num_threads(1)

@@ -1,0 +1,255 @@
+"""Train M on V's latents (``python run.py train-rnn``), and M's weights file.
+
+Each epoch draws z = μ + σ·ε afresh from V's posterior (as the paper does),
+cuts every training episode into windows of ``model.seq_len`` steps, shuffles
+them and takes Adam steps on ``M.loss`` with gradient clipping.  Held-out
+episodes give a validation loss split by term and the quality of the done
+head as the dream feels it.  Each epoch ends in an atomic checkpoint
+(``m_ckpt.pt``); rerunning the command resumes from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from worldmodel.config import Config
+from worldmodel.errors import UserError
+from worldmodel.io import append_jsonl, load_checkpoint, load_state_dict_checked, save_checkpoint
+from worldmodel.latents import Latents, list_latents, load_latents, make_batch, split_episodes, windows
+from worldmodel.m import WorldModel, build_m
+from worldmodel.runs import Run
+from worldmodel.torch_utils import resolve_device
+
+NEEDS_V = "train-rnn needs V's latents: run `python run.py train-vae` first"
+CKPT_NAME = "m_ckpt.pt"
+#: A predicted death this many steps or more before the real end counts as a false early death.
+EARLY_DEATH_MARGIN = 20
+#: numpy stream for the validation z sample (training epochs are 1, 2, ...).
+_VAL_STREAM = 0
+
+
+# ----------------------------------------------------------------- M's weights file
+
+def save_m(path: str | os.PathLike, m: WorldModel, cfg_model_dict: dict[str, Any]) -> None:
+    """Write M's weights with what is needed to rebuild it: name, sizes and model config."""
+    save_checkpoint(path, {
+        "m": cfg_model_dict["m"],
+        "z_dim": int(m.z_dim),
+        "action_dim": int(m.action_dim),
+        "model_config": dict(cfg_model_dict),
+        "state_dict": {k: v.detach().cpu() for k, v in m.state_dict().items()},
+    })
+
+
+def load_m(path: str | os.PathLike, cfg: Config, z_dim: int | None = None, action_dim: int | None = None,
+           device: str | torch.device = "cpu") -> WorldModel:
+    """Rebuild M from ``path`` under ``cfg`` (eval mode, on ``device``).
+
+    ``z_dim`` / ``action_dim``: the sizes the caller needs (None: take the file's).
+    Any mismatch of module, sizes or weight shapes is a UserError naming the file.
+    """
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("m", "z_dim", "action_dim", "state_dict") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not an M weights file (lacks {', '.join(missing)})")
+    if ckpt["m"] != cfg.model.m:
+        raise UserError(f"{path}: holds M {ckpt['m']!r}, config model.m is {cfg.model.m!r}")
+    for name, want in (("z_dim", z_dim), ("action_dim", action_dim)):
+        if want is not None and int(ckpt[name]) != int(want):
+            raise UserError(f"{path}: M was trained with {name} {ckpt[name]}, expected {want}")
+    m = build_m(cfg, int(ckpt["z_dim"]), int(ckpt["action_dim"]))
+    load_state_dict_checked(m, ckpt["state_dict"], path)
+    return m.to(device).eval()
+
+
+# ----------------------------------------------------------------- inputs
+
+def vae_z_dim(run: Run) -> int:
+    """z_dim of the trained V, checked against ``vae.z_dim``."""
+    if not run.vae_path.exists() or not list_latents(run.latents_dir):
+        raise UserError(NEEDS_V)
+    ckpt = load_checkpoint(run.vae_path)
+    if not isinstance(ckpt, dict) or "z_dim" not in ckpt:
+        raise UserError(f"{run.vae_path}: not a V weights file (no z_dim)")
+    z_dim = int(ckpt["z_dim"])
+    if z_dim != run.cfg.vae.z_dim:
+        raise UserError(f"{run.vae_path}: V has z_dim {z_dim}, config vae.z_dim is {run.cfg.vae.z_dim}")
+    return z_dim
+
+
+# ----------------------------------------------------------------- one pass over data
+
+def _pass(m: WorldModel, data: Latents, z: np.ndarray, cfg: Config, device: torch.device,
+          rng: np.random.Generator | None, opt: torch.optim.Optimizer | None, desc: str) -> dict[str, float]:
+    """Loss terms averaged over valid steps; trains when ``opt`` is given (shuffled windows)."""
+    seq_len, batch_size = cfg.model.seq_len, cfg.model.batch_size
+    starts, lengths = windows(data, seq_len, rng)
+    order = rng.permutation(len(starts)) if rng is not None else np.arange(len(starts))
+    sums: dict[str, float] = {}
+    steps = 0
+    bar = tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=None)
+    for i in bar:
+        idx = order[i:i + batch_size]
+        batch = make_batch(data, z, starts[idx], lengths[idx], seq_len, device)
+        with torch.set_grad_enabled(opt is not None):
+            terms = m.loss(batch)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if cfg.model.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.model.grad_clip)
+            opt.step()
+            bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
+        n = int(lengths[idx].sum())
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+        steps += n
+    return {key: total / max(steps, 1) for key, total in sums.items()}
+
+
+@torch.no_grad()
+def done_quality(m: WorldModel, data: Latents, threshold: float, device: torch.device) -> dict[str, Any]:
+    """How M's done head would end dreams, filtering the real episodes (z = μ, real actions).
+
+    Per step (all episodes, all steps): precision and recall of P(d_{t+1}) > ``threshold``
+    against ``terminated``.  Per episode: ``false_early_death_rate``, the share of
+    episodes whose first predicted death comes more than ``EARLY_DEATH_MARGIN`` steps
+    before the episode's real end.
+    """
+    m.eval()
+    n, t_max = data.n_episodes, int(data.lengths.max())
+    starts, lengths = data.starts, data.lengths
+    state = m.initial_state(n)
+    first_death = np.full(n, -1, dtype=np.int64)
+    tp = fp = fn = 0
+    for t in range(t_max):
+        alive = lengths > t
+        rows = np.where(alive, starts + t, starts)  # finished episodes repeat a valid row, unused
+        z = torch.from_numpy(data.mu[rows]).to(device)
+        action = torch.from_numpy(data.action[rows]).to(device)
+        state, _, _, p_done = m.imagine_step(state, z, action, 0.0)
+        pred = (p_done > threshold).cpu().numpy() & alive
+        target = data.terminated[rows] & alive
+        tp += int((pred & target).sum())
+        fp += int((pred & ~target).sum())
+        fn += int((~pred & target).sum())
+        first_death[(first_death < 0) & pred] = t
+    early = (first_death >= 0) & (first_death < lengths - 1 - EARLY_DEATH_MARGIN)
+    m.train()
+    return {
+        "done_precision": tp / (tp + fp) if tp + fp else None,
+        "done_recall": tp / (tp + fn) if tp + fn else None,
+        "false_early_death_rate": float(early.mean()),
+        "done_threshold": threshold,
+        "done_eval_episodes": n,
+        "done_eval_deaths": int(data.terminated.sum()),
+    }
+
+
+# ----------------------------------------------------------------- training
+
+def _load_resume(run: Run, m: WorldModel, opt: torch.optim.Optimizer, data: Latents) -> int:
+    """Restore M, Adam and RNG from ``m_ckpt.pt``; returns the epochs already done (0 if none)."""
+    path = run.dir / CKPT_NAME
+    if not path.exists():
+        return 0
+    ckpt = load_checkpoint(path)
+    for name, have in (("z_dim", data.z_dim), ("action_dim", data.action_dim)):
+        if int(ckpt.get(name, -1)) != have:
+            raise UserError(f"{path}: checkpoint has {name} {ckpt.get(name)}, the latents have {have}; "
+                            "delete it to train M afresh")
+    load_state_dict_checked(m, ckpt["model"], path)
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    print(f"resuming M training from {path} after epoch {int(ckpt['epoch'])}")
+    return int(ckpt["epoch"])
+
+
+def _save_resume(run: Run, m: WorldModel, opt: torch.optim.Optimizer, epoch: int) -> None:
+    save_checkpoint(run.dir / CKPT_NAME, {
+        "model": {k: v.detach().cpu() for k, v in m.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "epoch": epoch,
+        "z_dim": int(m.z_dim),
+        "action_dim": int(m.action_dim),
+        "torch_rng": torch.get_rng_state(),
+    })
+
+
+def _evaluate(m: WorldModel, train: Latents, val: Latents | None, cfg: Config,
+              device: torch.device) -> dict[str, Any]:
+    """Validation loss by term and done quality (on held-out episodes, else on training ones)."""
+    record: dict[str, Any] = {}
+    if val is not None:
+        m.eval()
+        z = val.sample_z(np.random.default_rng([cfg.model.seed, _VAL_STREAM]))
+        terms = _pass(m, val, z, cfg, device, rng=None, opt=None, desc="validate")
+        record.update({f"val/{k}": v for k, v in terms.items()})
+        m.train()
+    record.update(done_quality(m, val if val is not None else train, cfg.cmaes.done_threshold, device))
+    record["done_eval_split"] = "val" if val is not None else "train"
+    return record
+
+
+def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
+    """Train M on the run's latents, resuming from ``m_ckpt.pt``; writes ``m.pt``.
+
+    Returns a summary: epochs done, last validation terms and done-head quality.
+    """
+    cfg = run.cfg
+    device = resolve_device(cfg.system.device)
+    z_dim = vae_z_dim(run)
+    data = load_latents(run.latents_dir, z_dim, skip_bad=skip_bad)
+    train_ids, val_ids = split_episodes(data.n_episodes, cfg.model.val_fraction, cfg.model.seed)
+    train, val = data.subset(train_ids), (data.subset(val_ids) if len(val_ids) else None)
+    del data
+
+    torch.manual_seed(cfg.model.seed)
+    m = build_m(cfg, train.z_dim, train.action_dim).to(device)
+    opt = torch.optim.Adam(m.parameters(), lr=cfg.model.lr)
+    done_epochs = _load_resume(run, m, opt, train)
+    metrics_path = run.metrics_path("m")
+    record: dict[str, Any] = {}
+    for epoch in range(done_epochs + 1, cfg.model.epochs + 1):
+        t0 = time.time()
+        rng = np.random.default_rng([cfg.model.seed, epoch])
+        terms = _pass(m, train, train.sample_z(rng), cfg, device, rng, opt,
+                      desc=f"train-rnn epoch {epoch}/{cfg.model.epochs}")
+        record = {"epoch": epoch, **{f"train/{k}": v for k, v in terms.items()}}
+        record.update(_evaluate(m, train, val, cfg, device))
+        record["seconds"] = time.time() - t0
+        append_jsonl(metrics_path, record)
+        _save_resume(run, m, opt, epoch)
+        print(_format(record))
+    if not record:  # nothing left to train: report the stored model
+        record = {"epoch": done_epochs, **_evaluate(m, train, val, cfg, device)}
+    save_m(run.m_path, m, dataclasses.asdict(cfg.model))
+    summary = {"m_path": str(run.m_path), "train_episodes": train.n_episodes,
+               "val_episodes": val.n_episodes if val is not None else 0, **record}
+    print(f"M saved to {run.m_path}")
+    print(_format_done(summary))
+    return summary
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def _format(record: dict[str, Any]) -> str:
+    terms = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k.startswith(("train/", "val/")))
+    return f"epoch {record['epoch']}: {terms}"
+
+
+def _format_done(s: dict[str, Any]) -> str:
+    return (f"done head on {s['done_eval_episodes']} {s['done_eval_split']} episodes "
+            f"(threshold {s['done_threshold']}): precision {_fmt(s['done_precision'])}, "
+            f"recall {_fmt(s['done_recall'])}, "
+            f"false early deaths (> {EARLY_DEATH_MARGIN} steps before the end) "
+            f"{_fmt(s['false_early_death_rate'])}")

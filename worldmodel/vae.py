@@ -1,0 +1,159 @@
+"""V: the convolutional VAE that compresses a 64×64×3 frame into a latent z.
+
+The architecture is the paper's (Ha & Schmidhuber 2018, appendix A.1):
+
+- encoder: four stride-2 convolutions, kernel 4, ReLU, with 32, 64, 128, 256
+  channels (64 → 31 → 14 → 6 → 2 pixels), flattened to 2·2·256 = 1024, then two
+  linear heads for μ and log σ².
+- decoder: linear z → 1024, reshaped to a 1024×1×1 image, then four stride-2
+  transposed convolutions (128 k5, 64 k5, 32 k6, 3 k6; 1 → 5 → 13 → 30 → 64
+  pixels), ReLU between them and a sigmoid at the end.
+
+Frames arrive as uint8 (B, 64, 64, 3) arrays; :func:`preprocess` turns them into
+float (B, 3, 64, 64) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from worldmodel.errors import UserError
+from worldmodel.io import load_checkpoint, load_state_dict_checked, save_checkpoint
+
+if TYPE_CHECKING:
+    from worldmodel.config import Config
+
+FRAME_SHAPE = (64, 64, 3)
+ENCODED = 2 * 2 * 256  # flattened encoder output and decoder input
+
+
+def preprocess(frames: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 frames (B, 64, 64, 3) -> float (B, 3, 64, 64) in [0, 1] on ``device``.
+
+    The permute is a view, so the result keeps the frames' pixel-interleaved
+    layout (channels_last strides), which is the layout the CPU convolutions
+    are fastest on (docs/benchmarks.md, "VAE training step").
+    """
+    x = torch.as_tensor(frames).to(device, non_blocking=True)
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class VectorConvTranspose2d(nn.ConvTranspose2d):
+    """A transposed convolution whose input is a 1×1 image, computed as the matrix product it is.
+
+    Each input channel k scatters its kernel W[k] onto the output, so for a 1×1
+    input ``out[c, i, j] = sum_k x[k] W[k, c, i, j] + b[c]``: one (B, C_in) @
+    (C_in, C_out·kh·kw) product.  Same weights, same result as the convolution,
+    but about 9× faster on a CPU, where this layer took a third of the VAE step
+    (docs/benchmarks.md).  Inputs larger than 1×1 take the ordinary convolution.
+    """
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        """x: (B, C_in, 1, 1) -> (B, C_out, kh, kw)."""
+        if x.shape[-2:] != (1, 1) or output_size is not None or self.groups != 1:
+            return super().forward(x, output_size)
+        kh, kw = self.kernel_size
+        weight = self.weight.reshape(self.in_channels, -1)
+        if self.bias is None:
+            out = x.reshape(x.shape[0], -1) @ weight
+        else:
+            out = torch.addmm(self.bias.repeat_interleave(kh * kw), x.reshape(x.shape[0], -1), weight)
+        return out.view(x.shape[0], self.out_channels, kh, kw)
+
+
+class ConvVAE(nn.Module):
+    """The paper's ConvVAE.  ``z_dim``: latent size Z."""
+
+    def __init__(self, z_dim: int) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, 32, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 128, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(128, 256, 4, stride=2), nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.fc_mu = nn.Linear(ENCODED, z_dim)
+        self.fc_logvar = nn.Linear(ENCODED, z_dim)
+        self.fc_decode = nn.Linear(z_dim, ENCODED)
+        self.decoder = nn.Sequential(
+            VectorConvTranspose2d(ENCODED, 128, 5, stride=2), nn.ReLU(),
+            nn.ConvTranspose2d(128, 64, 5, stride=2), nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 6, stride=2), nn.ReLU(),
+            nn.ConvTranspose2d(32, 3, 6, stride=2), nn.Sigmoid(),
+        )
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ConvVAE:
+        return cls(cfg.vae.z_dim)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, 3, 64, 64) in [0, 1] -> mu, logvar: (B, Z)."""
+        h = self.encoder(x)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, Z) -> reconstruction (B, 3, 64, 64) in [0, 1]."""
+        h = self.fc_decode(z).view(-1, ENCODED, 1, 1)
+        return self.decoder(h)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, 3, 64, 64) -> (recon (B, 3, 64, 64), mu (B, Z), logvar (B, Z)).
+
+        z is sampled with the reparameterisation z = mu + sigma * eps.
+        """
+        mu, logvar = self.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return self.decode(z), mu, logvar
+
+
+def vae_loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+             kl_tolerance: float, beta: float) -> dict[str, torch.Tensor]:
+    """The negative ELBO with free bits, as the paper's code computes it.
+
+    x, recon: (B, 3, 64, 64); mu, logvar: (B, Z).  Every returned term is a
+    scalar averaged over the batch:
+
+    - ``recon``:  sum over pixels of (x - x̂)²  (a Gaussian -log p(x|z) up to constants)
+    - ``kl_raw``: KL(q(z|x) ‖ N(0, I)) summed over z
+    - ``kl``:     the same, floored per image at kl_tolerance · Z (free bits)
+    - ``loss``:   recon + beta · kl
+    """
+    z_dim = mu.shape[1]
+    recon_err = (x - recon).pow(2).sum(dim=(1, 2, 3))
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
+    kl_floored = torch.clamp(kl, min=kl_tolerance * z_dim)
+    out = {
+        "recon": recon_err.mean(),
+        "kl_raw": kl.mean(),
+        "kl": kl_floored.mean(),
+    }
+    out["loss"] = out["recon"] + beta * out["kl"]
+    return out
+
+
+def save_vae(path: str | os.PathLike, vae: ConvVAE) -> None:
+    """Write V's weights atomically as ``{"z_dim": Z, "state_dict": ...}`` (CPU tensors)."""
+    state = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
+    save_checkpoint(path, {"z_dim": int(vae.z_dim), "state_dict": state})
+
+
+def load_vae(path: str | os.PathLike, z_dim: int, device: torch.device | str = "cpu") -> ConvVAE:
+    """Load weights written by :func:`save_vae`; a file whose Z is not ``z_dim`` is a UserError."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "z_dim" not in ckpt:
+        raise UserError(f"{path}: not a VAE weights file (expected keys z_dim, state_dict)")
+    stored = int(ckpt["z_dim"])
+    if stored != z_dim:
+        raise UserError(
+            f"{path}: VAE was trained with z_dim {stored}, config expects vae.z_dim={z_dim}"
+        )
+    vae = ConvVAE(z_dim)
+    load_state_dict_checked(vae, ckpt["state_dict"], path)
+    return vae.to(device).eval()
