@@ -8,6 +8,7 @@ frames.  Runs headless; the engine starts on the first ``reset``.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import gymnasium as gym
@@ -54,6 +55,8 @@ class TakeCoverEnv(gym.Env):
         game.set_screen_format(vzd.ScreenFormat.RGB24)
         game.set_mode(vzd.Mode.PLAYER)
         game.set_sound_enabled(False)
+        # ViZDoom writes its settings file into the working directory unless told otherwise.
+        game.set_doom_config_path(os.path.join(tempfile.gettempdir(), "worldmodels_vizdoom.ini"))
         game.init()
         self._game = game
 
