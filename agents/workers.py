@@ -14,8 +14,9 @@ import multiprocessing as mp
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from worldmodel.errors import UserError
 from worldmodel.torch_utils import THREAD_ENV_VARS, single_thread

@@ -281,6 +281,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-3" as a string; a number is meant
+            value = float(value)
+        except ValueError:
+            pass
     return key.strip(), value
 
 

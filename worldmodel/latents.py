@@ -54,8 +54,8 @@ class Latents:
 
     def subset(self, episodes: np.ndarray) -> Latents:
         """The episodes with the given indices, in that order, as a new (copied) Latents."""
-        rows = np.concatenate([np.arange(self.starts[i], self.starts[i] + self.lengths[i]) for i in episodes]) \
-            if len(episodes) else np.zeros(0, dtype=np.int64)
+        ranges = [np.arange(self.starts[i], self.starts[i] + self.lengths[i]) for i in episodes]
+        rows = np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
         lengths = self.lengths[episodes]
         return Latents(self.mu[rows], self.logvar[rows], self.action[rows], self.reward[rows],
                        self.terminated[rows], _starts(lengths), lengths, [self.paths[i] for i in episodes])
@@ -161,7 +161,8 @@ def windows(data: Latents, seq_len: int, rng: np.random.Generator | None) -> tup
     target is lost, move from epoch to epoch; without it, tiling starts at 0.
     """
     starts, lengths = [], []
-    offsets = rng.integers(0, seq_len, size=data.n_episodes) if rng is not None else np.zeros(data.n_episodes, int)
+    n = data.n_episodes
+    offsets = rng.integers(0, seq_len, size=n) if rng is not None else np.zeros(n, dtype=np.int64)
     for start, length, offset in zip(data.starts, data.lengths, offsets, strict=True):
         cuts = np.arange(offset % seq_len or seq_len, length, seq_len)
         lo = np.concatenate([[0], cuts])

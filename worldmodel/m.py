@@ -41,7 +41,7 @@ class WorldModel(nn.Module, abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_config(cls, cfg: "Config", z_dim: int, action_dim: int) -> "WorldModel":
+    def from_config(cls, cfg: Config, z_dim: int, action_dim: int) -> WorldModel:
         """Build the module with the sizes the config names."""
 
     @abc.abstractmethod
@@ -86,7 +86,7 @@ class WorldModel(nn.Module, abc.ABC):
         """
 
 
-def build_m(cfg: "Config", z_dim: int, action_dim: int) -> WorldModel:
+def build_m(cfg: Config, z_dim: int, action_dim: int) -> WorldModel:
     """Instantiate the M module that ``cfg.model.m`` names."""
     name = cfg.model.m
     if name not in REGISTRY:

@@ -56,7 +56,8 @@ def load_m(path: str | os.PathLike, cfg: Config, z_dim: int | None = None, actio
     Any mismatch of module, sizes or weight shapes is a UserError naming the file.
     """
     ckpt = load_checkpoint(path)
-    missing = [k for k in ("m", "z_dim", "action_dim", "state_dict") if k not in ckpt]
+    needed = ("m", "z_dim", "action_dim", "state_dict")
+    missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path}: not an M weights file (lacks {', '.join(missing)})")
     if ckpt["m"] != cfg.model.m:
@@ -161,6 +162,8 @@ def _load_resume(run: Run, m: WorldModel, opt: torch.optim.Optimizer, data: Late
     if not path.exists():
         return 0
     ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch", "torch_rng"} <= set(ckpt):
+        raise UserError(f"{path}: not an M training checkpoint; delete it to train M afresh")
     for name, have in (("z_dim", data.z_dim), ("action_dim", data.action_dim)):
         if int(ckpt.get(name, -1)) != have:
             raise UserError(f"{path}: checkpoint has {name} {ckpt.get(name)}, the latents have {have}; "

@@ -157,3 +157,18 @@ def load_vae(path: str | os.PathLike, z_dim: int, device: torch.device | str = "
     vae = ConvVAE(z_dim)
     load_state_dict_checked(vae, ckpt["state_dict"], path)
     return vae.to(device).eval()
+
+
+@torch.inference_mode()
+def encode_frames(vae: ConvVAE, frames: np.ndarray, batch_size: int,
+                  device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """uint8 frames (T, 64, 64, 3) -> mu, logvar: (T, Z) float32 numpy arrays, in batches."""
+    mus, logvars = [], []
+    for start in range(0, len(frames), batch_size):
+        mu, logvar = vae.encode(preprocess(frames[start:start + batch_size], device))
+        mus.append(mu.float().cpu().numpy())
+        logvars.append(logvar.float().cpu().numpy())
+    if not mus:
+        empty = np.zeros((0, vae.z_dim), dtype=np.float32)
+        return empty, empty.copy()
+    return np.concatenate(mus), np.concatenate(logvars)

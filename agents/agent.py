@@ -1,0 +1,68 @@
+"""The full agent in a real environment: V encodes the frame, C acts, M updates its state.
+
+:class:`Agent` steps a batch of environments at once, so V and M run batched
+over them.  At step t: ``z_t = V(frame_t)`` (the posterior mean), ``a_t =
+C(M.features(state_t, z_t))``, then ``state_{t+1} = M.observe(state_t, z_t, a_t)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents.controller import ControllerSpec, act_batched, load_controller
+from worldmodel.config import Config
+from worldmodel.errors import UserError
+from worldmodel.m import State, WorldModel
+from worldmodel.train_m import load_m
+from worldmodel.vae import ConvVAE, load_vae, preprocess
+
+
+class Agent:
+    """V + M + C over a batch of environments (all on the CPU or all on one device)."""
+
+    def __init__(self, vae: ConvVAE, m: WorldModel, spec: ControllerSpec, params: np.ndarray,
+                 features: str, device: torch.device | str = "cpu"):
+        if params.size != spec.num_params:
+            raise UserError(f"controller has {params.size} parameters, this config expects {spec.num_params}")
+        self.vae, self.m, self.spec, self.features = vae, m, spec, features
+        self.device = torch.device(device)
+        self.params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(1, -1)
+        self.state: State = ()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, cfg: Config, params: np.ndarray | None = None,
+                 device: torch.device | str = "cpu") -> Agent:
+        """Load V, M and (unless ``params`` is given) the controller from a run folder."""
+        run_dir = Path(run_dir)
+        for name, what in (("vae.pt", "train-vae"), ("m.pt", "train-rnn")):
+            if not (run_dir / name).exists():
+                raise UserError(f"{run_dir}/{name}: not found; run `python run.py {what}` first")
+        vae = load_vae(run_dir / "vae.pt", cfg.vae.z_dim, device)
+        m = load_m(run_dir / "m.pt", cfg, z_dim=cfg.vae.z_dim, device=device)
+        spec = ControllerSpec.for_env(cfg.env.name, m.feature_dim(cfg.controller.features))
+        if params is None:
+            path = run_dir / "controller.pt"
+            if not path.exists():
+                raise UserError(f"{path}: not found; run `python run.py dream` first")
+            params, _ = load_controller(path, expected_params=spec.num_params)
+        return cls(vae, m, spec, np.asarray(params, np.float32), cfg.controller.features, device)
+
+    def reset(self, batch_size: int) -> None:
+        self.state = self.m.initial_state(batch_size)
+
+    def keep(self, rows: np.ndarray | list[int]) -> None:
+        """Drop finished environments: keep only state rows ``rows`` (indices)."""
+        index = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.device)
+        self.state = tuple(s[index] for s in self.state)
+
+    @torch.no_grad()
+    def act(self, frames: np.ndarray) -> np.ndarray:
+        """frames uint8 (B, 64, 64, 3) -> actions float32 (B, A); advances M's state."""
+        mu, _ = self.vae.encode(preprocess(frames, self.device))
+        features = self.m.features(self.state, mu, self.features)
+        actions = act_batched(self.spec, self.params.expand(len(frames), -1), features)
+        self.state = self.m.observe(self.state, mu, actions)
+        return actions.cpu().numpy()

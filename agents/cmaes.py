@@ -1,0 +1,271 @@
+"""C trained inside M's dream with CMA-ES (``python run.py dream``).
+
+Each generation, pycma proposes ``population`` controllers; every one of them, plus the
+distribution mean (the *centre*), dreams ``rollouts`` times, all in one batched call of
+:func:`envs.dream.dream_rollouts`.  Fitness is the mean dream return (pycma minimises,
+so it is told the negative).  Rollout j of every candidate starts from the same z and
+sees the same noise (common random numbers, fresh each generation), so candidates are
+compared on equal luck.
+
+Every ``eval_every`` generations (and at the last one) the centre — the current best
+estimate, as in the paper's code; the best single candidate's dream score is the max of
+noisy estimates — is played in the real game through ``evaluate_fn``, and its dream and
+real scores are logged side by side.
+
+Files in the run folder (all written atomically, once per generation):
+
+- ``cmaes.pkl``: pickled state — the CMA-ES object (its private numpy RandomState inside,
+  so pycma never touches numpy's global RNG), generation, best controllers, history.
+  Rerunning resumes exactly there.  A pickle can run code when loaded: it is only ever
+  read from the run's own folder, and never from a path under ``pretrained/``.
+- ``controller.pt`` (``run.controller_path``): the controller with the best *real* score
+  when a real check has run, else the candidate with the best dream fitness so far
+  ("pick the controller by a held-out real evaluation, not by dream score alone").
+- ``controller_dream.pt``: the best-dream-fitness candidate, always.
+- ``metrics/dream.jsonl`` one record per generation; ``plots/dream_curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cma
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from agents.controller import ControllerSpec, save_controller
+from envs.dream import (
+    DreamSettings,
+    Stepper,
+    dream_rollouts,
+    load_start_latents,
+    load_world_model,
+    make_stepper,
+    sample_start_z,
+)
+from worldmodel.errors import UserError
+from worldmodel.io import append_jsonl, atomic_path, write_text
+from worldmodel.m import WorldModel
+from worldmodel.runs import Run
+from worldmodel.torch_utils import resolve_device
+
+EvaluateFn = Callable[[np.ndarray, int, int], list]
+
+STATE_FILE = "cmaes.pkl"
+DREAM_CONTROLLER_FILE = "controller_dream.pt"
+STATE_VERSION = 1
+#: Seed handed to ``evaluate_fn`` (plus ``cmaes.seed``): the same episodes at every check,
+#: so real scores of different generations compare on equal luck.
+EVAL_SEED_BASE = 1_000_000
+
+
+# ----------------------------------------------------------------- one generation
+
+def generation_seed(seed: int, generation: int) -> int:
+    """Torch seed of a generation's dreams: a pure function of (seed, generation), so resume is exact."""
+    return int(np.random.SeedSequence([seed, generation]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def dream_fitness(m: WorldModel, candidates: np.ndarray, spec: ControllerSpec, settings: DreamSettings,
+                  starts: torch.Tensor, rollouts: int, generator: torch.Generator,
+                  stepper: Stepper | None = None) -> tuple[np.ndarray, float, int]:
+    """Mean dream return of each candidate over ``rollouts`` common-noise dreams.
+
+    candidates: (C, P) -> (fitness (C,), mean dream length, total dream steps).
+    Row i * rollouts + j of the batch is candidate i, rollout j, noise stream j.
+    """
+    device = starts.device
+    n_cand = candidates.shape[0]
+    z0 = sample_start_z(starts, rollouts, generator).to(device)  # (R, Z)
+    params = torch.as_tensor(candidates, dtype=torch.float32, device=device).repeat_interleave(rollouts, 0)
+    streams = torch.arange(rollouts, device=device).repeat(n_cand)
+    result = dream_rollouts(m, params, spec, z0.repeat(n_cand, 1), settings, generator, streams, stepper)
+    fitness = result.returns.view(n_cand, rollouts).mean(1).cpu().numpy().astype(np.float64)
+    return fitness, float(result.lengths.float().mean()), int(result.lengths.sum())
+
+
+# ----------------------------------------------------------------- state file
+
+def _new_state(num_params: int, c) -> dict[str, Any]:
+    if c.sigma0 <= 0:
+        raise UserError(f"config cmaes.sigma0: {c.sigma0} must be above 0")
+    opts = {"popsize": c.population, "seed": np.nan, "randn": np.random.RandomState(c.seed).randn,
+            "verbose": -9, "verb_log": 0, "verb_disp": 0}
+    es = cma.CMAEvolutionStrategy(np.zeros(num_params), c.sigma0, opts)
+    return {"version": STATE_VERSION, "es": es, "generation": 0, "num_params": num_params,
+            "population": c.population, "seed": c.seed, "best_dream": None, "best_real": None,
+            "history": [], "wall_s": 0.0}
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    data = dict(state, es=state["es"].pickle_dumps())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a CMA-ES state file of this project's own run folder (see the module docstring)."""
+    if "pretrained" in path.resolve().parts:
+        raise UserError(f"{path}: refusing to unpickle a file under pretrained/ (pickles can run code)")
+    try:
+        data = pickle.loads(path.read_bytes())
+        data["es"] = pickle.loads(data["es"])
+    except Exception as exc:  # noqa: BLE001 - any failure means a bad file
+        raise UserError(f"{path}: cannot read CMA-ES state ({type(exc).__name__}); "
+                        "delete it to restart the dream from generation 0") from None
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        raise UserError(f"{path}: not a CMA-ES state file of this version")
+    return data
+
+
+def _check_resume(path: Path, state: dict[str, Any], num_params: int, c) -> None:
+    for key, now in (("num_params", num_params), ("population", c.population), ("seed", c.seed)):
+        if state[key] != now:
+            raise UserError(f"{path}: was started with {key} {state[key]}, now {now}; "
+                            "use another run folder (or delete the file to restart)")
+
+
+# ----------------------------------------------------------------- outputs
+
+def _meta(spec: ControllerSpec, settings: DreamSettings, best: dict, source: str) -> dict[str, Any]:
+    return {**spec.to_dict(), "features": settings.features, "source": source,
+            "generation": int(best["generation"]), "dream_score": float(best["dream_score"]),
+            "real_score": None if best.get("real_score") is None else float(best["real_score"])}
+
+
+def _save_controllers(run: Run, state: dict, spec: ControllerSpec, settings: DreamSettings) -> None:
+    """Write controller_dream.pt and controller.pt (best by real score when there is one)."""
+    best_dream, best_real = state["best_dream"], state["best_real"]
+    save_controller(run.path(DREAM_CONTROLLER_FILE), best_dream["params"],
+                    _meta(spec, settings, best_dream, "dream"))
+    source, best = ("real", best_real) if best_real is not None else ("dream", best_dream)
+    save_controller(run.controller_path, best["params"], _meta(spec, settings, best, source))
+
+
+def plot_curve(path: Path, history: list[dict]) -> None:
+    """Dream fitness (mean, best, centre) and real score per generation, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    gens = [h["generation"] for h in history]
+    for key, label in (("dream_mean", "dream: population mean"), ("dream_best", "dream: best candidate"),
+                       ("centre_dream", "dream: centre")):
+        ax.plot(gens, [h[key] for h in history], label=label)
+    real = [(h["generation"], h["real_mean"]) for h in history if h.get("real_mean") is not None]
+    if real:
+        ax.plot(*zip(*real), "o-", color="black", label="real: centre")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("return")
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+# ----------------------------------------------------------------- the loop
+
+def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: bool = True, *,
+                     m: WorldModel | None = None, starts: torch.Tensor | None = None) -> dict[str, Any]:
+    """Evolve C in the dream until ``cmaes.generations``; resume from ``cmaes.pkl`` if present.
+
+    evaluate_fn(params (P,), episodes, seed) -> real returns; None skips real checks.
+    ``m`` / ``starts`` (E, 2, Z) default to the run's M and latents (tests pass their own).
+    Returns a summary dict.
+    """
+    cfg, c = run.cfg, run.cfg.cmaes
+    device = resolve_device(cfg.system.device)
+    m = (m if m is not None else load_world_model(run, device)).eval()
+    device = next(m.parameters(), torch.zeros(0)).device
+    starts = (starts if starts is not None else load_start_latents(run)).to(device)
+    settings = DreamSettings.from_config(cfg)
+    spec = ControllerSpec.for_env(cfg.env.name, m.feature_dim(settings.features))
+    stepper = make_stepper(m)
+
+    state_path = run.path(STATE_FILE)
+    if state_path.exists():
+        state = load_state(state_path)
+        _check_resume(state_path, state, spec.num_params, c)
+    else:
+        state = _new_state(spec.num_params, c)
+    start_generation = state["generation"]
+    metrics_path = run.metrics_path("dream")
+    write_text(metrics_path, "".join(json.dumps(h, sort_keys=True) + "\n" for h in state["history"]))
+
+    bar = tqdm(total=c.generations, initial=start_generation, disable=not progress, desc="dream",
+               unit="gen", dynamic_ncols=True)
+    while state["generation"] < c.generations:
+        record = _one_generation(state, m, spec, settings, starts, stepper, c, evaluate_fn)
+        _save_controllers(run, state, spec, settings)
+        _save_state(state_path, state)
+        append_jsonl(metrics_path, record)
+        plot_curve(run.path("plots", "dream_curve.png"), state["history"])
+        bar.update(1)
+        bar.set_postfix(best=f"{record['dream_best']:.1f}", mean=f"{record['dream_mean']:.1f}",
+                        real="-" if record["real_mean"] is None else f"{record['real_mean']:.1f}")
+    bar.close()
+    if state["best_dream"] is None:
+        raise UserError(f"{state_path}: no generation has run (cmaes.generations = {c.generations})")
+    source = "real" if state["best_real"] is not None else "dream"
+    best_real = state["best_real"]
+    return {
+        "generations": state["generation"],
+        "resumed_from": start_generation,
+        "num_params": spec.num_params,
+        "best_dream_score": state["best_dream"]["dream_score"],
+        "best_dream_generation": state["best_dream"]["generation"],
+        "best_real_score": None if best_real is None else best_real["real_score"],
+        "best_real_generation": None if best_real is None else best_real["generation"],
+        "controller_path": str(run.controller_path),
+        "controller_source": source,
+        "wall_s": state["wall_s"],
+    }
+
+
+def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: DreamSettings,
+                    starts: torch.Tensor, stepper: Stepper, c, evaluate_fn: EvaluateFn | None) -> dict:
+    """Ask, dream, tell, maybe check the centre in the real game; updates ``state`` in place."""
+    es = state["es"]
+    generation = state["generation"] + 1
+    t0 = time.perf_counter()
+    solutions = es.ask()
+    candidates = np.vstack([np.asarray(solutions), es.mean[None, :]])  # last row: the centre
+    generator = torch.Generator(device="cpu").manual_seed(generation_seed(c.seed, generation))
+    fitness, mean_length, steps = dream_fitness(m, candidates, spec, settings, starts, c.rollouts,
+                                                generator, stepper)
+    es.tell(solutions, (-fitness[:-1]).tolist())
+    pop, centre = fitness[:-1], float(fitness[-1])
+    best_i = int(np.argmax(pop))
+    if state["best_dream"] is None or pop[best_i] > state["best_dream"]["dream_score"]:
+        state["best_dream"] = {"params": candidates[best_i].astype(np.float32), "generation": generation,
+                               "dream_score": float(pop[best_i]), "real_score": None}
+    dream_s = time.perf_counter() - t0
+    real_mean = real_std = None
+    if evaluate_fn is not None and c.eval_every > 0 and (generation % c.eval_every == 0
+                                                          or generation == c.generations):
+        scores = np.asarray(evaluate_fn(candidates[-1].copy(), c.eval_episodes, EVAL_SEED_BASE + c.seed),
+                            dtype=np.float64)
+        real_mean, real_std = float(scores.mean()), float(scores.std())
+        if state["best_real"] is None or real_mean > state["best_real"]["real_score"]:
+            state["best_real"] = {"params": candidates[-1].astype(np.float32), "generation": generation,
+                                  "dream_score": centre, "real_score": real_mean}
+    wall = time.perf_counter() - t0
+    state["generation"] = generation
+    state["wall_s"] += wall
+    record = {
+        "generation": generation, "dream_mean": float(pop.mean()), "dream_best": float(pop[best_i]),
+        "dream_std": float(pop.std()), "dream_worst": float(pop.min()), "centre_dream": centre,
+        "sigma": float(es.sigma), "mean_length": mean_length, "dream_steps": steps,
+        "dream_steps_per_s": steps / max(dream_s, 1e-9), "real_mean": real_mean, "real_std": real_std,
+        "best_dream_ever": state["best_dream"]["dream_score"], "wall_s": wall, "time": time.time(),
+    }
+    state["history"].append(record)
+    return record

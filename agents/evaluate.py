@@ -1,0 +1,153 @@
+"""`python run.py evaluate`: the full agent in the real environment.
+
+Episodes are split into tasks of a few seeds each; a worker steps its task's
+environments in lockstep so V and M run batched over them.  The random policy
+plays the same seeds for comparison.  Results go to ``<run>/eval.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import envs
+from agents.agent import Agent
+from agents.policies import RandomPolicy
+from agents.workers import default_workers, run_tasks
+from worldmodel import config as config_lib
+from worldmodel.errors import UserError
+from worldmodel.io import write_json
+from worldmodel.runs import Run
+
+ENVS_PER_TASK = 8
+
+
+def _video_path(task: dict, seed: int) -> Path | None:
+    if seed not in task.get("video_seeds", ()):
+        return None
+    return Path(task["run"]) / "videos" / f"{task['policy']}_seed{seed}.mp4"
+
+
+def play(task: dict) -> list[dict]:
+    """Worker entry point: play ``task["seeds"]`` in lockstep; one result per episode."""
+    cfg = config_lib.from_dict(task["config"])
+    seeds = list(task["seeds"])
+    games = [envs.make_from_config(cfg.env) for _ in seeds]
+    frames = np.stack([env.reset(seed=s)[0] for env, s in zip(games, seeds)])
+    videos = {i: [env.render()] for i, (env, s) in enumerate(zip(games, seeds)) if _video_path(task, s)}
+    if task["policy"] == "agent":
+        agent = Agent.from_run(task["run"], cfg, task.get("params"))
+        agent.reset(len(seeds))
+    else:
+        randoms = [RandomPolicy(games[0].action_space) for _ in seeds]
+        for policy, s in zip(randoms, seeds):
+            policy.reset(np.random.default_rng(s))
+    alive = list(range(len(seeds)))
+    returns, steps = np.zeros(len(seeds)), np.zeros(len(seeds), int)
+    while alive:
+        if task["policy"] == "agent":
+            actions = agent.act(frames)
+        else:
+            actions = np.stack([randoms[i].act(None) for i in alive])
+        keep, next_frames = [], []
+        for row, i in enumerate(alive):
+            obs, reward, terminated, truncated, _ = games[i].step(actions[row])
+            returns[i] += reward
+            steps[i] += 1
+            if i in videos:
+                videos[i].append(games[i].render())
+            if not (terminated or truncated):
+                keep.append(row)
+                next_frames.append(obs)
+        if task["policy"] == "agent" and len(keep) < len(alive):
+            agent.keep(np.asarray(keep))
+        alive = [alive[row] for row in keep]
+        frames = np.stack(next_frames) if next_frames else frames[:0]
+    for env in games:
+        env.close()
+    for i, frames_i in videos.items():
+        _write_video(_video_path(task, seeds[i]), frames_i, cfg.env.name)
+    return [{"seed": s, "return": float(returns[i]), "steps": int(steps[i])} for i, s in enumerate(seeds)]
+
+
+def _write_video(path: Path, frames: list[np.ndarray], env_name: str) -> None:
+    import imageio.v2 as imageio
+
+    from worldmodel.io import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fps = 35 if env_name == "takecover" else 50
+    with atomic_path(path) as tmp:
+        imageio.mimwrite(tmp, frames, format="FFMPEG", fps=fps, macro_block_size=8)
+
+
+def _stats(returns: list[float]) -> dict:
+    r = np.asarray(returns, float)
+    return {"mean": float(r.mean()), "std": float(r.std()), "min": float(r.min()), "max": float(r.max()),
+            "episodes": int(r.size)}
+
+
+def play_many(run: Run, policy: str, seeds: list[int], params: np.ndarray | None = None,
+              workers: int | None = None, backend: str | None = None, video_seeds: tuple = (),
+              progress: bool = False, desc: str = "evaluate") -> list[dict]:
+    """Play ``seeds`` with the agent (``policy="agent"``) or the random policy, in parallel."""
+    cfg = run.cfg
+    workers = workers or cfg.eval.workers or default_workers()
+    per_task = max(1, min(ENVS_PER_TASK, -(-len(seeds) // workers)))
+    base = {"run": str(run.dir), "config": config_lib.to_dict(cfg), "policy": policy,
+            "params": None if params is None else np.asarray(params, np.float32),
+            "video_seeds": tuple(video_seeds)}
+    tasks = [{**base, "name": f"{policy} seeds {seeds[i]}..", "seeds": seeds[i:i + per_task]}
+             for i in range(0, len(seeds), per_task)]
+    results: list[dict] = []
+    with tqdm(total=len(seeds), unit="ep", desc=desc, disable=not progress) as bar:
+        for _, episode_results in run_tasks(play, tasks, workers, backend or cfg.system.backend,
+                                            cfg.system.task_timeout, ray_address=cfg.system.ray_address):
+            results.extend(episode_results)
+            bar.update(len(episode_results))
+            bar.set_postfix(mean=f"{np.mean([r['return'] for r in results]):.1f}")
+    return sorted(results, key=lambda r: r["seed"])
+
+
+def evaluate_params(run: Run, params: np.ndarray, episodes: int, seed: int,
+                    workers: int | None = None, backend: str | None = None) -> list[float]:
+    """Real-environment returns of controller ``params`` on seeds seed .. seed+episodes-1."""
+    seeds = list(range(seed, seed + episodes))
+    return [r["return"] for r in play_many(run, "agent", seeds, params, workers, backend)]
+
+
+def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = None,
+                 backend: str | None = None, video: bool = False, progress: bool = True) -> dict:
+    """Evaluate the run's agent and the random policy on the same seeds; write eval.json."""
+    cfg = run.cfg
+    if episodes is not None and episodes < 1:
+        raise UserError(f"--episodes {episodes}: must be at least 1")
+    episodes = episodes or cfg.eval.episodes
+    seeds = list(range(cfg.eval.seed, cfg.eval.seed + episodes))
+    Agent.from_run(run.dir, cfg)  # fail fast, in this process, on a missing or mismatched model
+    video_seeds = tuple(seeds[: cfg.eval.video_episodes]) if video else ()
+    start = time.perf_counter()
+    agent = play_many(run, "agent", seeds, None, workers, backend, video_seeds, progress, "agent")
+    agent_s = time.perf_counter() - start
+    random = play_many(run, "random", seeds, None, workers, backend, (), progress, "random policy")
+    report = {
+        "env": cfg.env.name,
+        "seeds": [seeds[0], seeds[-1]],
+        "agent": {**_stats([r["return"] for r in agent]), "episodes_detail": agent},
+        "random": {**_stats([r["return"] for r in random]), "episodes_detail": random},
+        "wall_seconds": agent_s,
+        "videos": [str(_video_path({"run": str(run.dir), "policy": "agent", "video_seeds": video_seeds}, s))
+                   for s in video_seeds],
+    }
+    write_json(run.path("eval.json"), report)
+    a, r = report["agent"], report["random"]
+    return {
+        "agent": f"{a['mean']:.1f} ± {a['std']:.1f} (min {a['min']:.0f}, max {a['max']:.0f}) over {episodes} episodes",
+        "random policy": f"{r['mean']:.1f} ± {r['std']:.1f} on the same seeds",
+        "seconds": agent_s,
+        "report": str(run.path("eval.json")),
+        **({"videos": ", ".join(report["videos"])} if video_seeds else {}),
+    }

@@ -1,0 +1,356 @@
+"""The dream: M rolled forward on its own samples while C picks the actions.
+
+Two faces of one loop:
+
+- :func:`dream_rollouts` runs N dreams at once (a whole CMA-ES generation, population ×
+  rollouts) as one batched tensor program: features -> controller -> ``imagine_step`` at
+  temperature τ -> reward and done.  Finished dreams are dropped from the batch, so the
+  compute shrinks as they die; the loop ends when none is left or at ``max_steps``.
+- :class:`DreamEnv` is the same dream, one at a time, as a ``gymnasium.Env``.
+
+Reward: ``"alive"`` (TakeCover) gives +1 for every step, the last one included, so a
+dream's return is its length; ``"model"`` (CarRacing) sums M's predicted r_{t+1}.
+Done: ``"threshold"`` ends a dream when P(d_{t+1}) > ``done_threshold``; ``"sample"``
+ends it when u < P(d_{t+1}) with u ~ U(0, 1).
+
+Common random numbers: every dream belongs to a noise *stream* (``streams``).  Each step
+draws noise for the S streams only and gives every dream its stream's row, so candidate
+i's rollout j sees the same start z and the same noise as every other candidate's rollout
+j; fitness differences then come from the controllers, not from luck.  This needs the
+noise drawn apart from M's step (:class:`Stepper`): an M may offer
+``sample_noise(S, generator)`` and ``imagine_step(..., noise=...)``; the MDN-RNN gets
+:class:`MDNRNNStepper` here; any other M falls back to its own ``generator`` draws (then
+only the start z are common).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from agents.controller import ControllerSpec, act_batched, action_space
+from worldmodel.config import Config
+from worldmodel.errors import UserError
+from worldmodel.m import State, WorldModel
+from worldmodel.mdnrnn import LOG_SIGMA_MAX, LOG_SIGMA_MIN, MDNRNN
+from worldmodel.runs import Run, open_run
+
+REWARD_MODES = {"takecover": "alive", "carracing": "model"}
+
+
+@dataclass(frozen=True)
+class DreamSettings:
+    """How a dream runs; :meth:`from_config` reads ``controller`` and ``cmaes``."""
+
+    features: str = "zh"
+    temperature: float = 1.15
+    max_steps: int = 2100
+    done: str = "threshold"
+    done_threshold: float = 0.5
+    reward: str = "alive"
+
+    @classmethod
+    def from_config(cls, cfg: Config, **overrides) -> DreamSettings:
+        c = cfg.cmaes
+        base = cls(features=cfg.controller.features, temperature=c.temperature, max_steps=c.max_steps,
+                   done=c.done, done_threshold=c.done_threshold, reward=REWARD_MODES[cfg.env.name])
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def ended(self, done_prob: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        """done_prob (B,), u (B,) or None -> bool (B,)."""
+        if self.done == "sample":
+            return u < done_prob
+        return done_prob > self.done_threshold
+
+
+@dataclass
+class DreamResult:
+    """returns (N,) float; lengths (N,) int64 steps taken; terminated (N,) bool (M ended it)."""
+
+    returns: torch.Tensor
+    lengths: torch.Tensor
+    terminated: torch.Tensor
+
+
+# ----------------------------------------------------------------- one step, noise drawn apart
+
+def rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
+         normal: bool = False) -> torch.Tensor:
+    """U(0, 1) (or N(0, 1)) draws from ``generator`` on its own device, moved to ``device``."""
+    where = generator.device if generator is not None else device
+    draw = torch.randn if normal else torch.rand
+    return draw(shape, generator=generator, device=where).to(device)
+
+
+class Stepper:
+    """``imagine_step`` with its noise drawn separately, so dreams can share noise rows.
+
+    ``sample_noise(S, generator)`` -> tuple of (S, ...) tensors; ``step(state, z (B, Z),
+    a (B, A), τ, noise, generator)`` with noise rows aligned to z's rows -> (state',
+    z' (B, Z), r (B,), P(d) (B,)).  This generic one uses M's own ``sample_noise`` and
+    ``imagine_step(..., noise=)`` when M has them; otherwise the noise is empty and M
+    draws per dream from ``generator`` (no common noise across candidates).
+    """
+
+    def __init__(self, m: WorldModel) -> None:
+        self.m = m
+        self.explicit = callable(getattr(m, "sample_noise", None))
+
+    def sample_noise(self, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        return tuple(self.m.sample_noise(n, generator)) if self.explicit else ()
+
+    def step(self, state: State, z: torch.Tensor, a: torch.Tensor, temperature: float,
+             noise: tuple[torch.Tensor, ...], generator: torch.Generator | None):
+        if self.explicit:
+            return self.m.imagine_step(state, z, a, temperature, noise=noise)
+        return self.m.imagine_step(state, z, a, temperature, generator)
+
+
+class MDNRNNStepper(Stepper):
+    """:meth:`MDNRNN.imagine_step` with explicit noise and pre-transposed, fused weights.
+
+    Same maths and, for the same generator, the same draws (u (B, Z, K) then ε (B, Z)).
+    Gates = [z, a] W_ihᵀ + h W_hhᵀ + (b_ih + b_hh) in two GEMMs, without nn.LSTM's
+    per-call overhead; one GEMM for all heads.  Noise: Gumbel (S, Z, K) and ε (S, Z).
+    """
+
+    def __init__(self, m: MDNRNN) -> None:
+        super().__init__(m)
+        self.explicit = True
+        with torch.no_grad():
+            lstm = m.lstm
+            self.w_ih = lstm.weight_ih_l0.detach().t().contiguous()  # (Z + A, 4H)
+            self.w_hh = lstm.weight_hh_l0.detach().t().contiguous()  # (H, 4H)
+            self.b = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach()  # (4H,)
+            self.w_head = m.head.weight.detach().t().contiguous()  # (H, 3ZK + 2)
+            self.b_head = m.head.bias.detach().clone()
+        self.z_dim, self.k = m.z_dim, m.mixtures
+        self.predict_reward = m.predict_reward
+
+    def sample_noise(self, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        u = rand((n, self.z_dim, self.k), generator, self.b.device)
+        eps = rand((n, self.z_dim), generator, self.b.device, normal=True)
+        return -torch.log(-torch.log(u)), eps
+
+    def step(self, state: State, z: torch.Tensor, a: torch.Tensor, temperature: float,
+             noise: tuple[torch.Tensor, ...], generator: torch.Generator | None = None):
+        h, c = state
+        gates = torch.addmm(self.b, torch.cat([z, a], dim=1), self.w_ih).addmm_(h, self.w_hh)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        out = torch.addmm(self.b_head, h, self.w_head)
+        zk = self.z_dim * self.k
+        logits, mu, log_sigma = out[:, : 3 * zk].unflatten(1, (3, self.z_dim, self.k)).unbind(1)
+        if temperature == 0:
+            z_next = mu.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1)
+        else:
+            gumbel, eps = noise
+            k = (logits / temperature + gumbel).argmax(-1, keepdim=True)
+            sigma = log_sigma.gather(-1, k).squeeze(-1).clamp_(LOG_SIGMA_MIN, LOG_SIGMA_MAX).exp_()
+            z_next = mu.gather(-1, k).squeeze(-1) + sigma * math.sqrt(temperature) * eps
+        reward = out[:, -2] if self.predict_reward else torch.zeros_like(out[:, -2])
+        return (h, c), z_next, reward, torch.sigmoid(out[:, -1])
+
+
+def make_stepper(m: WorldModel) -> Stepper:
+    """M's own noise interface when it has one, else the MDN-RNN stepper, else the fallback."""
+    if not callable(getattr(m, "sample_noise", None)) and isinstance(m, MDNRNN):
+        return MDNRNNStepper(m)
+    return Stepper(m)
+
+
+# ----------------------------------------------------------------- where dreams start
+
+def load_start_latents(run: Run | str | os.PathLike) -> torch.Tensor:
+    """V's posterior at step 0 of every real episode: (E, 2, Z) = [mu, logvar] per episode."""
+    folder = run.latents_dir if isinstance(run, Run) else Path(run) / "latents"
+    paths = sorted(p for p in Path(folder).glob("ep_*.npz") if not p.name.startswith("."))
+    if not paths:
+        raise UserError(f"{folder}: no latent files; run `python run.py train-vae` first")
+    rows = []
+    for path in paths:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                rows.append(np.stack([data["mu"][0], data["logvar"][0]]).astype(np.float32))
+        except (OSError, ValueError, KeyError, IndexError, EOFError) as exc:
+            raise UserError(f"{path}: corrupt latent file ({type(exc).__name__})") from None
+    return torch.from_numpy(np.stack(rows))
+
+
+def sample_start_z(starts: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """n start latents z0 = mu + σ·ε from random episodes.  starts: (E, 2, Z) -> (n, Z)."""
+    idx = torch.randint(starts.shape[0], (n,), generator=generator, device=_gen_device(generator))
+    mu, logvar = starts[idx.to(starts.device)].unbind(1)
+    eps = rand((n, starts.shape[2]), generator, starts.device, normal=True)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def _gen_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+# ----------------------------------------------------------------- the batched dream
+
+@torch.inference_mode()
+def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0: torch.Tensor,
+                   settings: DreamSettings, generator: torch.Generator | None = None,
+                   streams: torch.Tensor | None = None, stepper: Stepper | None = None) -> DreamResult:
+    """Run N dreams to their end, each with its own controller.
+
+    params: (N, P) controller weights; z0: (N, Z) start latents; streams: (N,) int64 noise
+    stream of each dream, values in [0, S) (None: every dream its own stream, S = N).
+    Per step the noise for the S streams is drawn from ``generator`` (then the done
+    uniforms (S,) when ``settings.done == "sample"``), so the draws do not depend on
+    how many dreams are still alive.
+    """
+    stepper = stepper or make_stepper(m)
+    device = z0.device
+    n = params.shape[0]
+    n_streams = n if streams is None else int(streams.max()) + 1
+    stream = None if streams is None else streams.to(device)
+    rows = torch.arange(n, device=device)  # original index of each live dream
+    returns = torch.zeros(n, device=device)
+    lengths = torch.full((n,), settings.max_steps, dtype=torch.int64, device=device)
+    terminated = torch.zeros(n, dtype=torch.bool, device=device)
+    p, z, state = params.to(device), z0, m.initial_state(n)
+    for t in range(settings.max_steps):
+        a = act_batched(spec, p, m.features(state, z, settings.features))
+        noise = stepper.sample_noise(n_streams, generator)
+        u = rand((n_streams,), generator, device) if settings.done == "sample" else None
+        if stream is not None:
+            noise = tuple(x.index_select(0, stream) for x in noise)
+            u = None if u is None else u.index_select(0, stream)
+        state, z, r, d = stepper.step(state, z, a, settings.temperature, noise, generator)
+        if settings.reward == "model":
+            returns.index_add_(0, rows, r.to(returns.dtype))
+        ended = settings.ended(d, u)
+        if not bool(ended.any()):
+            continue
+        lengths[rows[ended]] = t + 1
+        terminated[rows[ended]] = True
+        keep = (~ended).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            break
+        state = tuple(s.index_select(0, keep) for s in state)
+        z, p, rows = z.index_select(0, keep), p.index_select(0, keep), rows.index_select(0, keep)
+        stream = keep if stream is None else stream.index_select(0, keep)
+    if settings.reward == "alive":
+        returns = lengths.to(returns.dtype)
+    return DreamResult(returns=returns, lengths=lengths, terminated=terminated)
+
+
+# ----------------------------------------------------------------- the dream as an environment
+
+class DreamEnv(gym.Env):
+    """One dream as a ``gymnasium.Env``.
+
+    observation: M's features of the current z (F,) float32; action: the real env's
+    action space.  ``reset(seed=s)`` seeds a torch generator with ``s``; the start z and
+    every step's noise come from it in the order :func:`dream_rollouts` draws them, so
+    a single dream there with ``torch.Generator().manual_seed(s)`` follows the same path.
+    ``render()`` decodes the current z with V (64×64×3 uint8) when a VAE is given.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+
+    def __init__(self, m: WorldModel, starts: torch.Tensor, env_name: str,
+                 settings: DreamSettings | None = None, vae: torch.nn.Module | None = None,
+                 render_mode: str | None = None) -> None:
+        if render_mode not in (None, "rgb_array"):
+            raise UserError(f"dream: render_mode {render_mode!r} is not supported (rgb_array)")
+        self.m = m.eval()
+        self.starts = starts
+        self.settings = settings or DreamSettings(reward=REWARD_MODES[env_name])
+        self.vae = vae.eval() if vae is not None else None
+        self.render_mode = render_mode
+        self.stepper = make_stepper(m)
+        dim = m.feature_dim(self.settings.features)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
+        self.action_space = action_space(env_name)
+        self._device = next(m.parameters(), torch.zeros(0)).device
+        self._gen: torch.Generator | None = None
+        self._state = None
+        self._z: torch.Tensor | None = None
+        self._t = 0
+
+    def _obs(self) -> np.ndarray:
+        f = self.m.features(self._state, self._z, self.settings.features)
+        return f[0].detach().cpu().numpy().astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None or self._gen is None:
+            torch_seed = seed if seed is not None else int(self.np_random.integers(2**62))
+            self._gen = torch.Generator(device="cpu").manual_seed(torch_seed)
+        with torch.inference_mode():
+            self._z = sample_start_z(self.starts, 1, self._gen).to(self._device)
+            self._state = self.m.initial_state(1)
+            self._t = 0
+            return self._obs(), {}
+
+    def step(self, action):
+        if self._z is None:
+            raise RuntimeError("DreamEnv.step() called before reset()")
+        low, high = self.action_space.low, self.action_space.high
+        a = np.clip(np.asarray(action, dtype=np.float32).reshape(1, -1), low, high)
+        with torch.inference_mode():
+            noise = self.stepper.sample_noise(1, self._gen)
+            u = rand((1,), self._gen, self._device) if self.settings.done == "sample" else None
+            self._state, self._z, r, d = self.stepper.step(
+                self._state, self._z, torch.from_numpy(a).to(self._device), self.settings.temperature,
+                noise, self._gen)
+            terminated = bool(self.settings.ended(d, u)[0])
+            obs = self._obs()
+        self._t += 1
+        reward = 1.0 if self.settings.reward == "alive" else float(r[0])
+        truncated = not terminated and self._t >= self.settings.max_steps
+        return obs, reward, terminated, truncated, {"done_prob": float(d[0])}
+
+    def render(self):
+        if self.vae is None or self._z is None:
+            return None
+        with torch.inference_mode():
+            frame = self.vae.decode(self._z.to(next(self.vae.parameters()).device))[0]
+        return (frame.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def load_world_model(run: Run, device: str | torch.device = "cpu") -> WorldModel:
+    """M from ``run.m_path`` (written by ``python run.py train-rnn``)."""
+    from envs import action_dim
+    from worldmodel.train_m import load_m
+
+    if not run.m_path.exists():
+        raise UserError(f"{run.m_path}: no M; run `python run.py train-rnn` first")
+    return load_m(run.m_path, run.cfg, z_dim=run.cfg.vae.z_dim, action_dim=action_dim(run.cfg.env.name),
+                  device=device)
+
+
+def make_dream_env(run: Run | str | os.PathLike, temperature: float | None = None,
+                   max_steps: int | None = None, done: str | None = None,
+                   done_threshold: float | None = None, render_mode: str | None = "rgb_array",
+                   device: str | torch.device = "cpu") -> DreamEnv:
+    """The dream of a trained run: M (and V for ``render``, when present) from its folder.
+
+    Unset arguments take the run's ``cmaes`` config (temperature, max_steps, done, ...).
+    """
+    if not isinstance(run, Run):
+        if not (Path(run) / "config.yaml").exists():
+            raise UserError(f"{run}: not a run folder (no config.yaml)")
+        run = open_run(run, None, create=False)
+    m = load_world_model(run, device)
+    vae = None
+    if run.vae_path.exists():
+        from worldmodel.vae import load_vae
+
+        vae = load_vae(run.vae_path, run.cfg.vae.z_dim, device=device)
+    settings = DreamSettings.from_config(run.cfg, temperature=temperature, max_steps=max_steps,
+                                         done=done, done_threshold=done_threshold)
+    return DreamEnv(m, load_start_latents(run), run.cfg.env.name, settings, vae=vae,
+                    render_mode=render_mode if vae is not None else None)

@@ -1,0 +1,143 @@
+"""CMA-ES in the dream: it learns, it checkpoints every generation, a rerun resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from agents.cmaes import STATE_FILE, load_state, train_controller
+from agents.controller import load_controller
+from worldmodel import config as config_lib
+from worldmodel.errors import UserError
+from worldmodel.m import WorldModel
+from worldmodel.runs import Run
+
+
+class LifeM(WorldModel):
+    """Toy M whose dream lasts longer the larger the action: it ends once t >= 2 + 18 (a_0 + 1) / 2.
+
+    State (t (B, 1),); z drifts with the noise, so the controller sees changing features.
+    """
+
+    z_dim, action_dim = 3, 1
+
+    @classmethod
+    def from_config(cls, cfg, z_dim, action_dim):
+        return cls()
+
+    def initial_state(self, batch_size):
+        return (torch.zeros(batch_size, 1),)
+
+    def feature_dim(self, mode):
+        return self.z_dim
+
+    def features(self, state, z, mode):
+        return z
+
+    def observe(self, state, z, action):
+        return (state[0] + 1,)
+
+    def sample_noise(self, n, generator):
+        return (torch.randn(n, self.z_dim, generator=generator),)
+
+    def imagine_step(self, state, z, action, temperature, generator=None, noise=None):
+        (t,) = self.observe(state, z, action)
+        life = 2 + 18 * (action[:, 0] + 1) / 2
+        done = (t[:, 0] >= life).float()
+        return (t,), 0.8 * z + 0.3 * noise[0], torch.zeros(z.shape[0]), done
+
+    def loss(self, batch):
+        raise NotImplementedError
+
+
+STARTS = torch.stack([torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), torch.full((4, 3), -1.0)], 1)
+
+
+def make_run(path, generations=2, population=6, eval_every=0) -> Run:
+    cfg = config_lib.Config()
+    cfg.system.device = "cpu"
+    c = cfg.cmaes
+    c.population, c.rollouts, c.generations, c.sigma0 = population, 3, generations, 0.5
+    c.max_steps, c.eval_every, c.eval_episodes = 25, eval_every, 2
+    return Run(dir=path, cfg=config_lib.from_flat(config_lib.to_flat(cfg)))
+
+
+def train(run, **kw):
+    return train_controller(run, progress=False, m=LifeM(), starts=STARTS, **kw)
+
+
+def test_cmaes_improves_dream_fitness(tmp_path):
+    summary = train(make_run(tmp_path, generations=8, population=8))
+    history = [json.loads(line) for line in (tmp_path / "metrics" / "dream.jsonl").read_text().splitlines()]
+    assert [h["generation"] for h in history] == list(range(1, 9))
+    assert history[0]["dream_mean"] < 12  # a ~ 0 at the start: about 11 steps
+    assert history[-1]["dream_mean"] > history[0]["dream_mean"] + 4
+    assert summary["best_dream_score"] > 17 and summary["controller_source"] == "dream"
+    params, meta = load_controller(tmp_path / "controller.pt", expected_params=4)
+    assert meta["source"] == "dream" and params.shape == (4,)
+    assert (tmp_path / "plots" / "dream_curve.png").stat().st_size > 1000
+
+
+def test_controller_picked_by_real_score(tmp_path):
+    calls = []
+
+    def evaluate_fn(params, episodes, seed):
+        calls.append((params.copy(), episodes, seed))
+        return [100.0 - len(calls)] * episodes  # the first check scores best
+
+    summary = train(make_run(tmp_path, generations=5, eval_every=2), evaluate_fn=evaluate_fn)
+    history = [json.loads(line) for line in (tmp_path / "metrics" / "dream.jsonl").read_text().splitlines()]
+    assert [h["generation"] for h in history if h["real_mean"] is not None] == [2, 4, 5]  # and the last
+    assert len(calls) == 3 and all(e == 2 for _, e, _ in calls)
+    assert summary["controller_source"] == "real" and summary["best_real_generation"] == 2
+    params, meta = load_controller(tmp_path / "controller.pt")
+    np.testing.assert_allclose(params, calls[0][0], rtol=1e-6)
+    assert meta["source"] == "real" and meta["real_score"] == 99.0
+    _, dream_meta = load_controller(tmp_path / "controller_dream.pt")
+    assert dream_meta["source"] == "dream"
+
+
+def _comparable(state):
+    es = state["es"]
+    history = [{k: v for k, v in h.items() if k not in ("wall_s", "time", "dream_steps_per_s")}
+               for h in state["history"]]
+    return es.mean.copy(), es.sigma, es.C.copy(), history
+
+
+def test_killed_dream_resumes_with_the_same_cmaes_state(tmp_path):
+    straight = train(make_run(tmp_path / "a", generations=4))
+    assert straight["resumed_from"] == 0
+
+    train(make_run(tmp_path / "b", generations=2))  # "killed" after generation 2
+    mid = load_state(tmp_path / "b" / STATE_FILE)
+    assert mid["generation"] == 2 and mid["es"].countiter == 2
+    resumed = train(make_run(tmp_path / "b", generations=4))
+    assert resumed["resumed_from"] == 2 and resumed["generations"] == 4
+
+    a, b = (_comparable(load_state(tmp_path / d / STATE_FILE)) for d in ("a", "b"))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
+    np.testing.assert_array_equal(a[2], b[2])
+    assert a[3] == b[3]
+    lines = (tmp_path / "b" / "metrics" / "dream.jsonl").read_text().splitlines()
+    assert [json.loads(x)["generation"] for x in lines] == [1, 2, 3, 4]
+    # Already done: a rerun does nothing more.
+    assert train(make_run(tmp_path / "b", generations=4))["resumed_from"] == 4
+
+
+def test_resume_refuses_other_population_and_pretrained(tmp_path):
+    train(make_run(tmp_path / "r", generations=1))
+    with pytest.raises(UserError, match="population"):
+        train(make_run(tmp_path / "r", generations=2, population=8))
+    bad = tmp_path / "pretrained" / "run"
+    bad.mkdir(parents=True)
+    (bad / STATE_FILE).write_bytes(pickle.dumps({"version": 1}))
+    with pytest.raises(UserError, match="pretrained"):
+        train(make_run(bad, generations=2))
+    (tmp_path / "r" / STATE_FILE).write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="cannot read"):
+        train(make_run(tmp_path / "r", generations=2))

@@ -1,0 +1,226 @@
+"""The dream: masking of finished dreams, common random numbers, DreamEnv = batched dream."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from agents.controller import Controller, ControllerSpec
+from envs.dream import (
+    DreamEnv,
+    DreamSettings,
+    MDNRNNStepper,
+    dream_rollouts,
+    load_start_latents,
+    make_dream_env,
+    sample_start_z,
+)
+from worldmodel import config as config_lib
+from worldmodel.m import WorldModel
+from worldmodel.mdnrnn import MDNRNN
+from worldmodel.vae import ConvVAE
+
+
+class FakeM(WorldModel):
+    """Deterministic toy M.  State (h (B, H), t (B, 1)); the dream ends at step ``short``
+    when a_0 <= 0 and at step ``long`` otherwise; predicted reward r = a_0."""
+
+    def __init__(self, z_dim: int = 3, action_dim: int = 1, hidden: int = 2, short: int = 3, long: int = 7):
+        super().__init__()
+        self.z_dim, self.action_dim, self.hidden = z_dim, action_dim, hidden
+        self.short, self.long = short, long
+        self.batch_sizes: list[int] = []
+
+    @classmethod
+    def from_config(cls, cfg, z_dim, action_dim):
+        return cls(z_dim, action_dim)
+
+    def initial_state(self, batch_size):
+        return torch.zeros(batch_size, self.hidden), torch.zeros(batch_size, 1)
+
+    def feature_dim(self, mode):
+        return self.z_dim + self.hidden
+
+    def features(self, state, z, mode):
+        return torch.cat([z, state[0]], dim=1)
+
+    def observe(self, state, z, action):
+        return torch.tanh(z[:, : self.hidden] + action[:, :1]), state[1] + 1
+
+    def sample_noise(self, n, generator):
+        return (torch.randn(n, self.z_dim, generator=generator),)
+
+    def imagine_step(self, state, z, action, temperature, generator=None, noise=None):
+        self.batch_sizes.append(z.shape[0])
+        eps = noise[0] if noise is not None else torch.randn(z.shape, generator=generator)
+        h, t = self.observe(state, z, action)
+        life = torch.where(action[:, 0] > 0, float(self.long), float(self.short))
+        done = (t[:, 0] >= life).float()
+        return (h, t), 0.5 * z + 0.1 * math.sqrt(temperature) * eps, action[:, 0].clone(), done
+
+    def loss(self, batch):
+        raise NotImplementedError
+
+
+def tiny_mdnrnn(z_dim: int = 4, hidden: int = 8, done_bias: float = -3.0, seed: int = 0) -> MDNRNN:
+    torch.manual_seed(seed)
+    m = MDNRNN(z_dim, 1, hidden, 3).eval()
+    with torch.no_grad():
+        m.head.bias[-1] = done_bias  # P(done) ~ 5% a step: dreams of a few dozen steps
+    return m
+
+
+def starts_for(z_dim: int, episodes: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.stack([torch.randn(episodes, z_dim, generator=g), torch.full((episodes, z_dim), -2.0)], 1)
+
+
+def bias_params(spec: ControllerSpec, biases: list[float]) -> torch.Tensor:
+    p = torch.zeros(len(biases), spec.num_params)
+    p[:, -1] = torch.tensor(biases)
+    return p
+
+
+def test_finished_dreams_are_masked_out_with_known_returns():
+    m = FakeM(short=3, long=7)
+    spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
+    params = bias_params(spec, [1.0, -1.0, 1.0, -1.0, -1.0])  # a = tanh(b): long, short, ...
+    z0 = torch.zeros(5, 3)
+    res = dream_rollouts(m, params, spec, z0, DreamSettings(max_steps=5), torch.Generator().manual_seed(0))
+    assert res.lengths.tolist() == [5, 3, 5, 3, 3]  # long ones hit the cap of 5
+    assert res.returns.tolist() == [5.0, 3.0, 5.0, 3.0, 3.0]  # +1 per step alive
+    assert res.terminated.tolist() == [False, True, False, True, True]
+    assert m.batch_sizes == [5, 5, 5, 2, 2]  # dead dreams leave the batch
+
+    m.batch_sizes.clear()
+    res = dream_rollouts(m, params, spec, z0, DreamSettings(max_steps=20, reward="model"))
+    a = math.tanh(1.0)
+    np.testing.assert_allclose(res.returns.numpy(), [7 * a, -3 * a, 7 * a, -3 * a, -3 * a], rtol=1e-6)
+    assert res.lengths.tolist() == [7, 3, 7, 3, 3] and bool(res.terminated.all())
+    assert m.batch_sizes == [5] * 3 + [2] * 4
+
+
+class RecordingStepper(MDNRNNStepper):
+    def __init__(self, m):
+        super().__init__(m)
+        self.zs: list[torch.Tensor] = []
+
+    def step(self, *args, **kwargs):
+        out = super().step(*args, **kwargs)
+        self.zs.append(out[1].clone())
+        return out
+
+
+@pytest.mark.parametrize("done,reward,done_bias", [("sample", "alive", -3.0), ("threshold", "model", 0.2)])
+def test_single_batched_dream_matches_dream_env(done, reward, done_bias):
+    m = tiny_mdnrnn(done_bias=done_bias)
+    with torch.no_grad():
+        m.head.weight[-1].zero_()
+        m.head.weight[-1, 0] = 2.0  # P(done) follows h[0]: the threshold is crossed at some step
+    settings = DreamSettings(temperature=1.2, max_steps=40, done=done, done_threshold=0.7, reward=reward)
+    spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
+    starts = starts_for(4)
+    lengths = []
+    for seed in (2, 3):
+        params = torch.randn(1, spec.num_params, generator=torch.Generator().manual_seed(seed))
+        env = DreamEnv(m, starts, "takecover", settings)
+        obs, _ = env.reset(seed=seed)
+        controller = Controller.from_flat(spec, params[0].numpy())
+        env_zs, total, steps, terminated = [], 0.0, 0, False
+        while True:
+            obs, r, terminated, truncated, _ = env.step(controller.act(obs).numpy())
+            env_zs.append(obs[:4])
+            total, steps = total + r, steps + 1
+            if terminated or truncated:
+                break
+        gen = torch.Generator().manual_seed(seed)
+        z0 = sample_start_z(starts, 1, gen)
+        stepper = RecordingStepper(m)
+        res = dream_rollouts(m, params, spec, z0, settings, gen, stepper=stepper)
+        assert int(res.lengths[0]) == steps and bool(res.terminated[0]) == terminated
+        assert float(res.returns[0]) == pytest.approx(total, rel=1e-5)
+        np.testing.assert_allclose(torch.cat(stepper.zs).numpy(), np.stack(env_zs), rtol=1e-5, atol=1e-6)
+        lengths.append(steps)
+    assert min(lengths) > 10  # long enough to compare many steps
+
+
+def test_common_random_numbers_across_candidates():
+    """Rollout j of a candidate does not depend on which other candidates share the batch."""
+    m = tiny_mdnrnn()
+    spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(1, spec.num_params, generator=g) for _ in range(3))
+    settings = DreamSettings(max_steps=60, done="sample")
+    streams = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def run(first, second):
+        gen = torch.Generator().manual_seed(7)
+        z0 = sample_start_z(starts_for(4), 3, gen).repeat(2, 1)
+        params = torch.cat([first.expand(3, -1), second.expand(3, -1)])
+        return dream_rollouts(m, params, spec, z0, settings, gen, streams)
+
+    ab, ac, aa = run(a, b), run(a, c), run(a, a)
+    assert ab.lengths[:3].tolist() == ac.lengths[:3].tolist()
+    torch.testing.assert_close(ab.returns[:3], ac.returns[:3])
+    assert aa.lengths[:3].tolist() == aa.lengths[3:].tolist()
+    assert len(set(ab.lengths.tolist())) > 1  # the test is not vacuous: dreams end at different steps
+
+
+def test_mdnrnn_stepper_is_mdnrnn_imagine_step():
+    m = tiny_mdnrnn()
+    stepper = MDNRNNStepper(m)
+    g = torch.Generator().manual_seed(5)
+    z, a = torch.randn(6, 4, generator=g), torch.rand(6, 1, generator=g) * 2 - 1
+    state = (torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g))
+    ref = m.imagine_step(state, z, a, 1.15, torch.Generator().manual_seed(9))
+    got = stepper.step(state, z, a, 1.15, stepper.sample_noise(6, torch.Generator().manual_seed(9)), None)
+    for x, y in zip([*ref[0], *ref[1:]], [*got[0], *got[1:]]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("env_name", ["takecover", "carracing"])
+def test_dream_env_passes_check_env(env_name):
+    torch.manual_seed(0)
+    m = MDNRNN(4, 1 if env_name == "takecover" else 3, 8, 3).eval()
+    env = DreamEnv(m, starts_for(4), env_name, DreamSettings(max_steps=20), vae=ConvVAE(4),
+                   render_mode="rgb_array")
+    check_env(env)
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+    assert DreamEnv(m, starts_for(4), env_name).render() is None
+
+
+def test_start_latents_and_make_dream_env_from_run(tmp_path):
+    from worldmodel.train_m import save_m
+
+    cfg = config_lib.Config()
+    cfg.vae.z_dim, cfg.model.hidden, cfg.model.mixtures, cfg.cmaes.max_steps = 4, 8, 3, 9
+    (tmp_path / "config.yaml").write_text(config_lib.dump(cfg))
+    latents = tmp_path / "latents"
+    latents.mkdir()
+    mus = np.random.default_rng(0).normal(size=(3, 5, 4)).astype(np.float32)
+    for i, mu in enumerate(mus):
+        np.savez(latents / f"ep_{i:06d}.npz", mu=mu, logvar=np.full_like(mu, -30.0),
+                 action=np.zeros((5, 1), np.float32), reward=np.ones(5, np.float32),
+                 done=np.zeros(5, bool), terminated=np.zeros(5, bool))
+    starts = load_start_latents(tmp_path)
+    assert starts.shape == (3, 2, 4)
+    np.testing.assert_array_equal(starts[:, 0].numpy(), mus[:, 0])
+    z = sample_start_z(starts, 10, torch.Generator().manual_seed(0))  # σ ≈ 0: z is some episode's mu
+    assert all(any(np.allclose(row, mu0, atol=1e-5) for mu0 in mus[:, 0]) for row in z.numpy())
+
+    save_m(tmp_path / "m.pt", tiny_mdnrnn(), config_lib.to_dict(cfg)["model"])
+    env = make_dream_env(tmp_path, temperature=0.5)
+    assert env.settings.temperature == 0.5 and env.settings.max_steps == 9
+    obs, _ = env.reset(seed=1)
+    assert obs.shape == (12,) and env.render() is None  # no vae.pt in this run
+    for _ in range(9):
+        obs, r, term, trunc, _ = env.step(env.action_space.sample())
+        if term or trunc:
+            break
+    assert term or trunc

@@ -1,0 +1,181 @@
+"""The MDN-RNN's maths against independent computations, and its M interface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, MixtureSameFamily, Normal
+
+from worldmodel.mdnrnn import MDNRNN, mdn_log_prob, mdn_sample
+
+Z, A, H, K = 5, 3, 16, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is fastest, and the test machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(predict_reward: bool = True, **kw) -> MDNRNN:
+    torch.manual_seed(0)
+    return MDNRNN(Z, A, H, K, predict_reward=predict_reward, done_pos_weight=4.0, **kw)
+
+
+def _batch(b: int = 4, t: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([t, t - 2, 1, 3])[:b]
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    terminated = torch.zeros(b, t, dtype=torch.bool)
+    terminated[0, t - 1] = True
+    terminated[2, 0] = True
+    return {
+        "z": torch.randn(b, t, Z, generator=g),
+        "action": torch.randn(b, t, A, generator=g),
+        "reward": torch.randn(b, t, generator=g),
+        "terminated": terminated,
+        "mask": mask,
+    }
+
+
+def _mixture(logits: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> MixtureSameFamily:
+    return MixtureSameFamily(Categorical(logits=logits), Normal(mu, log_sigma.exp()))
+
+
+def test_mdn_log_prob_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    logits, mu, log_sigma = (torch.randn(4, 6, Z, K, generator=g) for _ in range(3))
+    x = 2 * torch.randn(4, 6, Z, generator=g)
+    expected = _mixture(logits, mu, log_sigma).log_prob(x)
+    torch.testing.assert_close(mdn_log_prob(logits, mu, log_sigma, x), expected)
+
+
+def test_loss_terms_match_independent_computation():
+    m, batch = _model(), _batch()
+    terms = m.loss(batch)
+    p, _ = m(batch["z"], batch["action"])
+    mask = batch["mask"]
+    z_mask = (mask[:, :-1] & mask[:, 1:]).float()
+    logp = _mixture(p["logits"][:, :-1], p["mu"][:, :-1], p["log_sigma"][:, :-1]).log_prob(batch["z"][:, 1:])
+    z_nll = (-logp.mean(-1) * z_mask).sum() / z_mask.sum()
+    valid = mask.float()
+    reward = (((p["reward"] - batch["reward"]) ** 2) * valid).sum() / valid.sum()
+    y, q = batch["terminated"].float(), torch.sigmoid(p["done_logit"])
+    bce = -(4.0 * y * torch.log(q) + (1 - y) * torch.log(1 - q))
+    done = (bce * valid).sum() / valid.sum()
+    torch.testing.assert_close(terms["z_nll"], z_nll)
+    torch.testing.assert_close(terms["reward"], reward)
+    torch.testing.assert_close(terms["done"], done)
+    torch.testing.assert_close(terms["loss"], z_nll + reward + done)
+
+
+def test_reward_off_gives_zero_reward_term_and_prediction():
+    m, batch = _model(predict_reward=False), _batch()
+    assert m.loss(batch)["reward"].item() == 0.0
+    state = m.initial_state(4)
+    _, _, reward, _ = m.imagine_step(state, batch["z"][:, 0], batch["action"][:, 0], 1.0)
+    assert reward.shape == (4,) and torch.all(reward == 0)
+
+
+def test_values_past_mask_do_not_affect_loss():
+    m, batch = _model(), _batch()
+    before = m.loss(batch)
+    noisy = {k: v.clone() for k, v in batch.items()}
+    pad = ~batch["mask"]
+    noisy["z"][pad] = 100.0
+    noisy["action"][pad] = -50.0
+    noisy["reward"][pad] = 7.0
+    noisy["terminated"][pad] = True
+    after = m.loss(noisy)
+    for key in ("loss", "z_nll", "reward", "done"):
+        torch.testing.assert_close(after[key], before[key])
+
+
+def test_temperature_zero_returns_most_likely_mean():
+    g = torch.Generator().manual_seed(0)
+    logits, mu, log_sigma = (torch.randn(50, Z, K, generator=g) for _ in range(3))
+    expected = mu.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1)
+    torch.testing.assert_close(mdn_sample(logits, mu, log_sigma, 0.0), expected)
+    near = mdn_sample(logits, mu, log_sigma, 1e-10, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(near, expected, atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_sample_statistics_match_tempered_mixture(tau):
+    logits = torch.tensor([[0.0, 1.0, -1.0], [1.0, 0.0, 0.5]])
+    mu = torch.tensor([[-2.0, 0.5, 3.0], [1.0, -1.0, 4.0]])
+    log_sigma = torch.log(torch.tensor([[0.5, 1.0, 0.3], [0.2, 0.7, 1.5]]))
+    n = 200_000
+    samples = mdn_sample(logits.expand(n, 2, 3), mu.expand(n, 2, 3), log_sigma.expand(n, 2, 3), tau,
+                         torch.Generator().manual_seed(0))
+    pi = F.softmax(logits / tau, dim=-1)
+    var_k = tau * log_sigma.exp() ** 2
+    mean = (pi * mu).sum(-1)
+    var = (pi * (var_k + mu**2)).sum(-1) - mean**2
+    torch.testing.assert_close(samples.mean(0), mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(samples.var(0), var, atol=0.0, rtol=0.03)
+
+
+def test_features_shapes():
+    m = _model()
+    state, z = m.initial_state(6), torch.randn(6, Z)
+    assert m.features(state, z, "zh").shape == (6, m.feature_dim("zh")) == (6, Z + H)
+    assert m.features(state, z, "zch").shape == (6, m.feature_dim("zch")) == (6, Z + 2 * H)
+    with pytest.raises(ValueError):
+        m.features(state, z, "hz")
+
+
+def test_stepping_matches_sequence_forward():
+    m, batch = _model(), _batch(t=5)
+    p, (h_seq, c_seq) = m(batch["z"], batch["action"])
+    state = m.initial_state(4)
+    for t in range(5):
+        state, z0, reward, done = m.imagine_step(state, batch["z"][:, t], batch["action"][:, t], 0.0)
+        assert state[0].shape == (4, H) and z0.shape == (4, Z) and reward.shape == done.shape == (4,)
+        torch.testing.assert_close(done, torch.sigmoid(p["done_logit"][:, t]))
+        torch.testing.assert_close(reward, p["reward"][:, t])
+        most_likely = p["mu"][:, t].gather(-1, p["logits"][:, t].argmax(-1, keepdim=True)).squeeze(-1)
+        torch.testing.assert_close(z0, most_likely)
+    torch.testing.assert_close(state[0], h_seq)
+    torch.testing.assert_close(m.observe(m.initial_state(4), batch["z"][:, 0], batch["action"][:, 0])[1],
+                               m(batch["z"][:, :1], batch["action"][:, :1])[1][1])
+
+
+def test_imagine_step_is_reproducible_with_generator():
+    m, batch = _model(), _batch()
+    state = m.initial_state(4)
+    outs = [m.imagine_step(state, batch["z"][:, 0], batch["action"][:, 0], 1.15,
+                           torch.Generator().manual_seed(3))[1] for _ in range(2)]
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_training_drives_loss_down():
+    """Two hundred Adam steps on a tiny deterministic world: z_{t+1} = 0.8 z_t + a_t[0]."""
+    torch.manual_seed(0)
+    b, t = 16, 12
+    action = torch.randn(b, t, A)
+    z = torch.zeros(b, t, Z)
+    z[:, 0] = torch.randn(b, Z)
+    for i in range(1, t):
+        z[:, i] = 0.8 * z[:, i - 1] + action[:, i - 1, :1]
+    terminated = torch.zeros(b, t, dtype=torch.bool)
+    terminated[:, -1] = True
+    batch = {"z": z, "action": action, "reward": z.sum(-1), "terminated": terminated,
+             "mask": torch.ones(b, t, dtype=torch.bool)}
+    m = _model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    first = {k: v.item() for k, v in m.loss(batch).items()}
+    for _ in range(200):
+        terms = m.loss(batch)
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+    last = {k: v.item() for k, v in m.loss(batch).items()}
+    assert last["loss"] < 0.1 * first["loss"]
+    assert last["z_nll"] < first["z_nll"] - 1.5
+    assert last["reward"] < 0.1 * first["reward"]
+    assert last["done"] < 0.5 * first["done"]

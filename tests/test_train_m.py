@@ -1,0 +1,177 @@
+"""train-rnn end to end on a tiny synthetic run, M's weights file, and the done-head metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.errors import UserError
+from worldmodel.io import read_jsonl, save_checkpoint
+from worldmodel.latents import Latents, load_latents, make_batch, split_episodes, windows
+from worldmodel.m import build_m
+from worldmodel.runs import open_run
+from worldmodel.train_m import NEEDS_V, done_quality, load_m, save_m, train_m
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+Z, A = 8, 3
+LENGTHS = (40, 25, 60, 33, 50, 18)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is fastest, and the test machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write_latents(folder: Path, lengths=LENGTHS, z_dim: int = Z, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(lengths):
+        done = np.zeros(n, dtype=bool)
+        done[-1] = True
+        terminated = done.copy() if i % 3 else np.zeros(n, dtype=bool)  # every third one truncated
+        np.savez_compressed(
+            folder / f"ep_{i:06d}.npz",
+            mu=rng.standard_normal((n, z_dim)).astype(np.float32),
+            logvar=np.full((n, z_dim), -2.0, dtype=np.float32),
+            action=rng.uniform(-1, 1, (n, A)).astype(np.float32),
+            reward=np.ones(n, dtype=np.float32),
+            done=done,
+            terminated=terminated,
+        )
+
+
+def _run(tmp_path: Path, overrides: list[str] | None = None, vae: bool = True, latents: bool = True,
+         name: str = "run"):
+    run = open_run(tmp_path / name, SMOKE, overrides=["system.device=cpu", *(overrides or [])])
+    if latents:
+        _write_latents(run.latents_dir)
+    if vae:
+        save_checkpoint(run.vae_path, {"z_dim": Z, "state_dict": {}})
+    return run
+
+
+def test_train_m_end_to_end(tmp_path, capsys):
+    run = _run(tmp_path)
+    summary = train_m(run)
+    assert run.m_path.exists() and (run.dir / "m_ckpt.pt").exists()
+    records = read_jsonl(run.metrics_path("m"))
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train/z_nll", "train/reward", "train/done", "train/loss", "val/z_nll", "val/reward",
+                "val/done", "val/loss", "done_precision", "done_recall", "false_early_death_rate"):
+        assert key in records[-1] and key in summary
+    assert records[-1]["done_eval_split"] == "val" and summary["val_episodes"] >= 1
+    assert 0.0 <= summary["false_early_death_rate"] <= 1.0
+    assert "false early deaths" in capsys.readouterr().out
+    m = load_m(run.m_path, run.cfg, Z, A)
+    assert m.feature_dim(run.cfg.controller.features) == Z + run.cfg.model.hidden
+
+
+def test_resume_continues_after_last_epoch(tmp_path, capsys):
+    run = _run(tmp_path, overrides=["model.epochs=1"])
+    train_m(run)
+    first_weights = torch.load(run.m_path, weights_only=True)["state_dict"]
+    resumed = open_run(run.dir, None, overrides=["model.epochs=3"])
+    summary = train_m(resumed)
+    assert "after epoch 1" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_jsonl(run.metrics_path("m"))] == [1, 2, 3]
+    assert summary["epoch"] == 3
+    ckpt = torch.load(run.dir / "m_ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and isinstance(ckpt["torch_rng"], torch.Tensor)
+    final = torch.load(run.m_path, weights_only=True)["state_dict"]
+    assert any(not torch.equal(first_weights[k], final[k]) for k in final)
+    again = train_m(resumed)  # nothing left to do: reports the stored model
+    assert again["epoch"] == 3 and len(read_jsonl(run.metrics_path("m"))) == 3
+
+
+def test_train_rnn_before_train_vae_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="run `python run.py train-vae` first"):
+        train_m(_run(tmp_path, vae=False, latents=False))
+    with pytest.raises(UserError) as exc:
+        train_m(_run(tmp_path, vae=True, latents=False, name="run2"))
+    assert str(exc.value) == NEEDS_V
+
+
+def test_vae_z_dim_mismatch_names_file_and_sizes(tmp_path):
+    run = _run(tmp_path)
+    save_checkpoint(run.vae_path, {"z_dim": 16, "state_dict": {}})
+    with pytest.raises(UserError, match=r"vae\.pt: V has z_dim 16, config vae\.z_dim is 8"):
+        train_m(run)
+
+
+def test_corrupt_latent_file_is_named_or_skipped(tmp_path):
+    run = _run(tmp_path, overrides=["model.epochs=1"])
+    bad = run.latents_dir / "ep_000002.npz"
+    bad.write_bytes(b"not a zip file")
+    with pytest.raises(UserError, match="ep_000002.npz"):
+        train_m(run)
+    with pytest.warns(UserWarning, match="ep_000002.npz"):
+        summary = train_m(run, skip_bad=True)
+    assert summary["train_episodes"] + summary["val_episodes"] == len(LENGTHS) - 1
+
+
+def test_save_load_round_trip_and_size_mismatch(tmp_path):
+    run = _run(tmp_path, latents=False, vae=False)
+    torch.manual_seed(0)
+    m = build_m(run.cfg, Z, A)
+    path = tmp_path / "m.pt"
+    save_m(path, m, {"m": "mdnrnn"})
+    loaded = load_m(path, run.cfg, Z, A)
+    z, a = torch.randn(5, Z), torch.randn(5, A)
+    outs = [mod.imagine_step(mod.initial_state(5), z, a, 1.0, torch.Generator().manual_seed(0))
+            for mod in (m, loaded)]
+    for x, y in zip(outs[0][1:], outs[1][1:], strict=True):
+        assert torch.equal(x, y)
+    with pytest.raises(UserError, match=r"m\.pt: M was trained with z_dim 8, expected 9"):
+        load_m(path, run.cfg, 9, A)
+    with pytest.raises(UserError, match=r"m\.pt: M was trained with action_dim 3, expected 2"):
+        load_m(path, run.cfg, Z, 2)
+    bigger = open_run(run.dir, None, overrides=["model.hidden=64"]).cfg
+    with pytest.raises(UserError, match=r"m\.pt: .*shape"):
+        load_m(path, bigger, Z, A)
+
+
+def test_windows_cover_every_step_once_and_batches_pad(tmp_path):
+    _write_latents(tmp_path)
+    data = load_latents(tmp_path, Z)
+    for rng in (None, np.random.default_rng(0)):
+        starts, lengths = windows(data, 16, rng)
+        assert lengths.max() <= 16 and lengths.min() >= 1
+        covered = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+        assert np.array_equal(np.sort(covered), np.arange(len(data.mu)))
+    batch = make_batch(data, data.mu, starts[:4], lengths[:4], 16)
+    assert batch["z"].shape == (4, 16, Z) and batch["mask"].sum() == int(lengths[:4].sum())
+    assert not batch["z"][~batch["mask"]].any()
+    train, val = split_episodes(len(LENGTHS), 0.25, seed=0)
+    assert len(val) == 2 and set(train) | set(val) == set(range(len(LENGTHS)))
+    assert np.array_equal(val, split_episodes(len(LENGTHS), 0.25, seed=0)[1])
+
+
+class _AlwaysDies(torch.nn.Module):
+    """A stub M whose done head says "dead" from the first step on."""
+
+    def initial_state(self, batch_size: int):
+        return (torch.zeros(batch_size, 1),)
+
+    def imagine_step(self, state, z, action, temperature, generator=None):
+        b = z.shape[0]
+        return state, z, torch.zeros(b), torch.ones(b)
+
+
+def test_done_quality_counts_steps_and_early_deaths():
+    lengths = np.array([10, 30, 50])
+    terminated = np.zeros(90, dtype=bool)
+    terminated[[9, 39]] = True  # the first two die, the third is truncated
+    starts = np.array([0, 10, 40])
+    data = Latents(np.zeros((90, Z), np.float32), np.zeros((90, Z), np.float32),
+                   np.zeros((90, A), np.float32), np.zeros(90, np.float32), terminated, starts, lengths, [])
+    q = done_quality(_AlwaysDies(), data, 0.5, torch.device("cpu"))
+    assert q["done_precision"] == pytest.approx(2 / 90)
+    assert q["done_recall"] == 1.0
+    assert q["false_early_death_rate"] == pytest.approx(2 / 3)  # 30 and 50 steps: first death too early

@@ -1,0 +1,311 @@
+"""Train V on a run's frames, then encode every episode into latents for M.
+
+``python run.py train-vae`` calls :func:`train_vae`.  What it leaves in the run folder:
+
+- ``vae_ckpt.pt``  after each epoch: model, optimizer, epoch, torch and numpy RNG
+  state.  A rerun resumes from it; with every epoch done, training is skipped.
+- ``vae.pt``       the final weights (:func:`worldmodel.vae.save_vae`).
+- ``metrics/vae.jsonl``  one record per epoch: train_* and val_* recon / kl /
+  kl_raw / loss, img_per_s (also TensorBoard under ``tb/`` when it is installed).
+- ``plots/vae_recon_epoch{N}.png``  validation frames (top) over their
+  reconstructions from mu (bottom).
+- ``latents/ep_XXXXXX.npz``  per episode (same number as its episode file):
+  ``mu`` float32 (T, Z), ``logvar`` float32 (T, Z), and ``action``, ``reward``,
+  ``done``, ``terminated`` copied from the episode, so M never reopens frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from worldmodel.config import VAEConfig
+from worldmodel.episodes import episode_index, episode_path, load_episode, save_episode
+from worldmodel.frames import FrameSet, load_frames, split_episodes, subsample
+from worldmodel.io import (
+    append_jsonl,
+    atomic_path,
+    load_checkpoint,
+    load_state_dict_checked,
+    read_jsonl,
+    save_checkpoint,
+    write_text,
+)
+from worldmodel.runs import Run
+from worldmodel.torch_utils import resolve_device
+from worldmodel.vae import ConvVAE, encode_frames, preprocess, save_vae, vae_loss
+
+GRID_FRAMES = 8  # columns of the reconstruction plot
+POSTFIX_EVERY_S = 0.5  # progress-bar refresh of the loss terms (each one reads the device)
+TERMS = ("recon", "kl", "kl_raw", "loss")
+LATENT_COPY_KEYS = ("action", "reward", "done", "terminated")
+
+
+def checkpoint_path(run: Run) -> Path:
+    return run.dir / "vae_ckpt.pt"
+
+
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Use ``n`` torch threads inside the block; the caller's setting comes back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------- data
+
+def split_frames(frames: FrameSet, cfg: VAEConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) frame indices: split by episode, then ``max_frames`` subsamples both alike."""
+    train_eps, val_eps = split_episodes(len(frames.episodes), cfg.val_fraction, cfg.seed)
+    train, val = frames.frame_indices(train_eps), frames.frame_indices(val_eps)
+    if cfg.max_frames is not None and len(train) > cfg.max_frames:
+        fraction = cfg.max_frames / len(train)
+        train, val = subsample(train, fraction, cfg.seed), subsample(val, fraction, cfg.seed + 1)
+    return train, val
+
+
+def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Random minibatches of ``indices``; each sorted, so the memory map is read front to back."""
+    order = rng.permutation(indices)
+    for start in range(0, len(order), batch_size):
+        yield np.sort(order[start:start + batch_size])
+
+
+# ----------------------------------------------------------------- one epoch
+
+def _train_epoch(vae: ConvVAE, opt: torch.optim.Optimizer, frames: FrameSet, train: np.ndarray,
+                 cfg: VAEConfig, rng: np.random.Generator, device: torch.device,
+                 epoch: int) -> dict[str, float]:
+    """One pass over ``train`` in random minibatches; returns the mean loss terms and img/s."""
+    vae.train()
+    sums = {k: torch.zeros((), device=device) for k in TERMS}
+    seen, last_postfix = 0, 0.0
+    start = time.perf_counter()
+    with tqdm(total=len(train), unit="img", desc=f"vae epoch {epoch}/{cfg.epochs}") as bar:
+        for idx in _batches(train, cfg.batch_size, rng):
+            x = preprocess(frames.frames[idx], device)
+            recon, mu, logvar = vae(x)
+            terms = vae_loss(x, recon, mu, logvar, cfg.kl_tolerance, cfg.beta)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            for k in TERMS:
+                sums[k] += terms[k].detach() * len(idx)
+            seen += len(idx)
+            bar.update(len(idx))
+            if time.perf_counter() - last_postfix > POSTFIX_EVERY_S:
+                last_postfix = time.perf_counter()
+                bar.set_postfix(recon=f"{terms['recon'].item():.1f}", kl=f"{terms['kl_raw'].item():.2f}")
+    elapsed = time.perf_counter() - start
+    out = {k: v.item() / max(seen, 1) for k, v in sums.items()}
+    out["img_per_s"] = seen / elapsed if elapsed > 0 else 0.0
+    return out
+
+
+@torch.no_grad()
+def _evaluate(vae: ConvVAE, frames: FrameSet, indices: np.ndarray, cfg: VAEConfig,
+              device: torch.device) -> dict[str, float] | None:
+    """Mean loss terms over ``indices`` (None when there are none)."""
+    if len(indices) == 0:
+        return None
+    vae.eval()
+    sums = {k: 0.0 for k in TERMS}
+    for start in range(0, len(indices), cfg.batch_size):
+        idx = indices[start:start + cfg.batch_size]
+        x = preprocess(frames.frames[idx], device)
+        terms = vae_loss(x, *vae(x), cfg.kl_tolerance, cfg.beta)
+        for k in TERMS:
+            sums[k] += terms[k].item() * len(idx)
+    return {k: v / len(indices) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def save_recon_grid(vae: ConvVAE, frames: np.ndarray, path: str | os.PathLike,
+                    device: torch.device) -> None:
+    """PNG of frames (top row) over their reconstructions from mu (bottom row).  frames: (K, 64, 64, 3)."""
+    vae.eval()
+    mu, _ = vae.encode(preprocess(frames, device))
+    recon = vae.decode(mu).permute(0, 2, 3, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+    grid = np.concatenate([np.concatenate(list(frames), axis=1), np.concatenate(list(recon), axis=1)])
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+
+
+def _grid_frames(frames: FrameSet, val: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """GRID_FRAMES frames spread over the validation set (the training set when it is empty)."""
+    pool = val if len(val) else train
+    picks = np.unique(np.linspace(0, len(pool) - 1, GRID_FRAMES).astype(np.int64))
+    return np.asarray(frames.frames[pool[picks]])
+
+
+# ----------------------------------------------------------------- checkpoint and metrics
+
+def _save_state(path: Path, vae: ConvVAE, opt: torch.optim.Optimizer, epoch: int,
+                rng: np.random.Generator) -> None:
+    save_checkpoint(path, {
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_rng": rng.bit_generator.state,
+    })
+
+
+def _resume(path: Path, vae: ConvVAE, opt: torch.optim.Optimizer, rng: np.random.Generator,
+            lr: float) -> int:
+    """Load the training state saved at ``path``; returns the last finished epoch (0 when none)."""
+    if not path.exists():
+        return 0
+    ckpt = load_checkpoint(path)
+    load_state_dict_checked(vae, ckpt["model"], path)
+    opt.load_state_dict(ckpt["optimizer"])
+    for group in opt.param_groups:
+        group["lr"] = lr  # a --set vae.lr=... on the rerun wins over the stored one
+    torch.set_rng_state(ckpt["torch_rng"])
+    if ckpt["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    rng.bit_generator.state = ckpt["numpy_rng"]
+    return int(ckpt["epoch"])
+
+
+def _trim_metrics(path: Path, last_epoch: int) -> list[dict]:
+    """Drop records of epochs after the checkpoint (a kill between metrics and checkpoint)."""
+    records = read_jsonl(path)
+    keep = [r for r in records if r.get("epoch", 0) <= last_epoch]
+    if path.exists() and len(keep) != len(path.read_text().splitlines()):
+        write_text(path, "".join(_json_line(r) for r in keep))
+    return keep
+
+
+def _json_line(record: dict) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
+
+
+def _tensorboard(run: Run) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(log_dir=str(run.dir / "tb"))
+
+
+def _epoch_record(epoch: int, train: dict, val: dict | None, n_train: int, n_val: int,
+                  seconds: float) -> dict:
+    record: dict[str, Any] = {"epoch": epoch, "img_per_s": train["img_per_s"],
+                              "train_frames": n_train, "val_frames": n_val, "time_s": seconds}
+    for k in TERMS:
+        record[f"train_{k}"] = train[k]
+        record[f"val_{k}"] = val[k] if val is not None else None
+    return record
+
+
+# ----------------------------------------------------------------- latents
+
+def encode_latents(run: Run, vae: ConvVAE, frames: FrameSet, batch_size: int,
+                   device: torch.device) -> tuple[int, int]:
+    """Write ``latents/ep_XXXXXX.npz`` for every episode; returns (written, kept).
+
+    A latents file newer than both ``vae.pt`` and its episode file is kept.
+    """
+    vae.eval()
+    vae_mtime = run.vae_path.stat().st_mtime_ns
+    written = kept = 0
+    for i, ep in enumerate(tqdm(frames.episodes, unit="ep", desc="encode latents")):
+        out = episode_path(run.latents_dir, episode_index(ep))
+        if out.exists() and out.stat().st_mtime_ns > max(vae_mtime, ep.stat().st_mtime_ns):
+            kept += 1
+            continue
+        copied = load_episode(ep, keys=LATENT_COPY_KEYS)
+        mu, logvar = encode_frames(vae, frames.episode_frames(i), batch_size, device)
+        save_episode(out, {"mu": mu, "logvar": logvar, **copied})
+        written += 1
+    return written, kept
+
+
+# ----------------------------------------------------------------- the command
+
+def train_vae(run: Run, skip_bad: bool = False) -> dict:
+    """Train V on the run's frames (resuming from ``vae_ckpt.pt``), save ``vae.pt``, encode latents.
+
+    Returns a summary: epochs, epochs_trained, val_loss (last epoch; None without
+    validation episodes), frames, train_frames, val_frames, skipped_episodes,
+    latents_written, latents_kept.
+    """
+    with _threads(_available_cores()):
+        return _train_vae(run, skip_bad)
+
+
+def _train_vae(run: Run, skip_bad: bool) -> dict:
+    cfg = run.cfg.vae
+    device = resolve_device(run.cfg.system.device)
+    frames = load_frames(run, skip_bad=skip_bad)
+    train, val = split_frames(frames, cfg)
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    vae = ConvVAE.from_config(run.cfg).to(device)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    ckpt_path = checkpoint_path(run)
+    done = _resume(ckpt_path, vae, opt, rng, cfg.lr)
+    metrics_path = run.metrics_path("vae")
+    records = _trim_metrics(metrics_path, done)
+
+    writer = _tensorboard(run) if done < cfg.epochs else None
+    grid = _grid_frames(frames, val, train)
+    trained = 0
+    for epoch in range(done + 1, cfg.epochs + 1):
+        start = time.perf_counter()
+        train_terms = _train_epoch(vae, opt, frames, train, cfg, rng, device, epoch)
+        val_terms = _evaluate(vae, frames, val, cfg, device)
+        record = _epoch_record(epoch, train_terms, val_terms, len(train), len(val),
+                               time.perf_counter() - start)
+        save_recon_grid(vae, grid, run.dir / "plots" / f"vae_recon_epoch{epoch}.png", device)
+        _append(metrics_path, record, writer)  # before the checkpoint: a rerun trims an orphan line
+        _save_state(ckpt_path, vae, opt, epoch, rng)
+        records.append(record)
+        trained += 1
+    if writer is not None:
+        writer.close()
+
+    if trained or not run.vae_path.exists():
+        save_vae(run.vae_path, vae)
+    written, kept = encode_latents(run, vae, frames, cfg.batch_size, device)
+    return {
+        "epochs": cfg.epochs,
+        "epochs_trained": trained,
+        "val_loss": records[-1].get("val_loss") if records else None,
+        "frames": len(frames),
+        "train_frames": int(len(train)),
+        "val_frames": int(len(val)),
+        "skipped_episodes": len(frames.skipped),
+        "latents_written": written,
+        "latents_kept": kept,
+    }
+
+
+def _append(path: Path, record: dict, writer: Any) -> None:
+    append_jsonl(path, record)
+    if writer is not None:
+        for key, value in record.items():
+            if key != "epoch" and value is not None:
+                writer.add_scalar(f"vae/{key}", value, record["epoch"])
+        writer.flush()
