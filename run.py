@@ -72,7 +72,7 @@ def dispatch(args: argparse.Namespace) -> None:
     elif args.command == "train-vae":
         from worldmodel.train_vae import train_vae
 
-        _print(train_vae(run, skip_bad=args.skip_bad))
+        _print(train_vae(run, skip_bad=args.skip_bad, progress=progress))
     elif args.command in ("train-rnn", "train-m"):
         from worldmodel.train_m import train_m
 

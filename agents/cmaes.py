@@ -187,6 +187,9 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
     device = next(m.parameters(), torch.zeros(0)).device
     starts = (starts if starts is not None else load_start_latents(run)).to(device)
     settings = DreamSettings.from_config(cfg)
+    if settings.reward == "model" and getattr(m, "predict_reward", True) is False:
+        raise UserError(f"config env.name {cfg.env.name!r}: the dream's reward comes from M's reward head, "
+                        "but M was trained with model.predict_reward=false")
     spec = ControllerSpec.for_env(cfg.env.name, m.feature_dim(settings.features))
     stepper = make_stepper(m)
 

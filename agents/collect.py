@@ -8,6 +8,7 @@ when it is behind.
 
 from __future__ import annotations
 
+import atexit
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -42,7 +43,9 @@ def episode_seed(base: int, index: int) -> int:
 @lru_cache(maxsize=2)
 def _worker_env(name: str, frame_skip: int, max_steps: int):
     # One env per worker process, reused across episodes: starting ViZDoom costs ~0.1 s.
-    return envs.make(name, frame_skip=frame_skip, max_steps=max_steps)
+    env = envs.make(name, frame_skip=frame_skip, max_steps=max_steps)
+    atexit.register(env.close)  # else ViZDoom's engine process outlives the worker
+    return env
 
 
 def run_episode(env, policy, seed: int, max_steps: int) -> dict[str, np.ndarray]:

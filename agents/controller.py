@@ -14,7 +14,7 @@ Squashing of the A outputs ``y = W f + b``:
 - CarRacing (A = 3): steer ``tanh(y0)`` in [-1, 1]; gas ``(tanh(y1) + 1) / 2`` and brake
   ``(tanh(y2) + 1) / 2`` in [0, 1] (the same as ``sigmoid(2 y)``).
 
-:func:`act_batched` evaluates N controllers, each with its own parameters, in one ``bmm``:
+:func:`act_batched` evaluates N controllers, each with its own parameters, in one batched op:
 the dream runs a whole CMA-ES generation as one batch.
 """
 
@@ -84,9 +84,13 @@ def squash(spec: ControllerSpec, y: torch.Tensor) -> torch.Tensor:
 
 
 def act_batched(spec: ControllerSpec, params: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """N controllers on N feature rows: params (N, P), features (N, F) -> actions (N, A)."""
+    """N controllers on N feature rows: params (N, P), features (N, F) -> actions (N, A).
+
+    y[n, a] = sum_f W[n, a, f] features[n, f] + b[n, a], as one batched row-wise dot product
+    (``vecdot`` reads the strided views directly; ``bmm`` would copy them first).
+    """
     w, b = spec.split(params)
-    y = torch.baddbmm(b.unsqueeze(2), w, features.unsqueeze(2)).squeeze(2)
+    y = torch.linalg.vecdot(w, features.unsqueeze(1)) + b
     return squash(spec, y)
 
 

@@ -47,7 +47,7 @@ def pipeline(run: Run, workers: int | None = None, backend: str | None = None, s
 
     stages = [
         ("collect", lambda: collect(run, workers=workers, backend=backend, progress=progress)),
-        ("train-vae", lambda: train_vae(run, skip_bad=skip_bad)),
+        ("train-vae", lambda: train_vae(run, skip_bad=skip_bad, progress=progress)),
         ("train-rnn", lambda: train_m(run, skip_bad=skip_bad)),
         ("dream", lambda: dream(run, workers=workers, backend=backend, progress=progress)),
     ]

@@ -4,24 +4,30 @@ Both backends take a picklable function and a list of task dicts and yield
 ``(task, result)`` as tasks finish.  A task that raises is retried; one that
 keeps failing stops the run with the worker's traceback.  A worker that dies
 or hangs past ``timeout`` seconds stops the run with a clear message: never a
-hang.
+hang.  Stopping the pool also stops what its workers started (ViZDoom's
+engine processes), and a worker whose parent was killed exits by itself.
 """
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from worldmodel.errors import UserError
-from worldmodel.torch_utils import THREAD_ENV_VARS, single_thread
+from worldmodel.torch_utils import THREAD_ENV_VARS
 
 Task = dict[str, Any]
+STOP_GRACE_S = 10.0  # time a stopping worker gets to close its environments before SIGKILL
 
 
 class WorkerError(UserError):
@@ -45,6 +51,33 @@ def _single_thread_env() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _init_worker() -> None:
+    """First thing in each worker: one BLAS / torch thread, a clean exit on SIGTERM or orphaning.
+
+    torch is not imported here: collect's workers never need it, and importing it
+    costs each worker ~2 s of CPU.  A later import reads the thread variables.
+    """
+    os.environ.update({k: "1" for k in THREAD_ENV_VARS})
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    # ViZDoom's engine is a child process that outlives a killed worker unless its env is
+    # closed: run the exit handlers (collect registers env.close there), then go.
+    atexit._run_exitfuncs()
+    os._exit(128 + signum)
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit when the parent dies (kill -9, out of memory): the task queue would block forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
 
 def _call(fn: Callable[[Task], Any], task: Task) -> Any:
@@ -107,19 +140,21 @@ def _run_local(fn: Callable[[Task], Any], tasks: list[Task], workers: int, timeo
 
     ctx = mp.get_context("spawn")  # fork would copy the parent's torch / BLAS thread pools
     with _single_thread_env():
-        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=single_thread)
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
     attempts = {}
     pending: dict[cf.Future, Task] = {}
     queue = list(reversed(tasks))
+    finished = False
     try:
         yield from _drive(pool, fn, queue, pending, attempts, workers, timeout, retries)
+        finished = True
     except cf.process.BrokenProcessPool:
         names = ", ".join(_describe(t) for t in list(pending.values())[:3]) or "a task"
         raise WorkerError(f"a worker process died while running {names} (killed or out of memory)") from None
     finally:
         for future in pending:
             future.cancel()
-        _terminate(pool)
+        _terminate(pool, graceful=finished)
 
 
 def _drive(pool: cf.ProcessPoolExecutor, fn: Callable[[Task], Any], queue: list[Task],
@@ -144,12 +179,59 @@ def _drive(pool: cf.ProcessPoolExecutor, fn: Callable[[Task], Any], queue: list[
                 yield task, outcome[1]
 
 
-def _terminate(pool: cf.ProcessPoolExecutor) -> None:
-    """Shut the pool down without waiting on a hung or busy worker."""
-    processes = list(getattr(pool, "_processes", {}).values())
+def _terminate(pool: cf.ProcessPoolExecutor, graceful: bool) -> None:
+    """Stop the workers and the processes they started, never waiting long on a hung one.
+
+    ``graceful``: every task is done, the workers exit on their own; otherwise they
+    get SIGTERM.  Either way they close their environments first; what is still
+    alive after ``STOP_GRACE_S`` is killed, engines included.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    started = _descendants({p.pid for p in processes})
     pool.shutdown(wait=False, cancel_futures=True)
+    if not graceful:
+        for proc in processes:
+            if proc.is_alive():
+                proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for proc in processes:
+        # join waits until the worker's children have gone too: they inherit its sentinel pipe.
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
     for proc in processes:
         if proc.is_alive():
-            proc.terminate()
-    for proc in processes:
-        proc.join(timeout=5)
+            proc.kill()
+    for pid, start in started.items():
+        if _start_time(pid) == start:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (to tell it from a later one with the same pid); None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(roots: set[int]) -> dict[int, str]:
+    """{pid: start time} of every process below ``roots`` (Linux; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found: dict[int, str] = {}
+    todo = [c for r in roots for c in children.get(r, [])]
+    while todo:
+        pid = todo.pop()
+        start = _start_time(pid)
+        if start is not None:
+            found[pid] = start
+            todo.extend(children.get(pid, []))
+    return found

@@ -105,6 +105,9 @@ class Stepper:
     def sample_noise(self, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
         return tuple(self.m.sample_noise(n, generator)) if self.explicit else ()
 
+    def features(self, state: State, z: torch.Tensor, mode: str) -> torch.Tensor:
+        return self.m.features(state, z, mode)
+
     def step(self, state: State, z: torch.Tensor, a: torch.Tensor, temperature: float,
              noise: tuple[torch.Tensor, ...], generator: torch.Generator | None):
         if self.explicit:
@@ -113,48 +116,92 @@ class Stepper:
 
 
 class MDNRNNStepper(Stepper):
-    """:meth:`MDNRNN.imagine_step` with explicit noise and pre-transposed, fused weights.
+    """:meth:`MDNRNN.imagine_step` with explicit noise, rearranged for speed (same maths).
 
-    Same maths and, for the same generator, the same draws (u (B, Z, K) then ε (B, Z)).
-    Gates = [z, a] W_ihᵀ + h W_hhᵀ + (b_ih + b_hh) in two GEMMs, without nn.LSTM's
-    per-call overhead; one GEMM for all heads.  Noise: Gumbel (S, Z, K) and ε (S, Z).
+    Noise: Gumbel (S, K, Z) from u drawn as (S, Z, K), then ε (S, Z) — the draws of
+    ``mdn_sample``, so for one generator both give the same z.  A step is two GEMMs on
+    one row buffer [z, h, 1, a]: gates = row @ W (biases ride on the 1 column; gate columns
+    i, f, o, g so that one sigmoid covers three) and heads = [h', 1] @ W_head (logit columns
+    pre-divided by τ, columns laid out (3, K, Z) so the mixture choice reduces over K with
+    Z contiguous).  h' and z' are written straight into the next row buffer, whose [z, h]
+    is also the controller's input (no copies).  The component is picked with float
+    arithmetic in place (max, sign), since argmax/gather/where are slow on the CPU; an
+    exact tie (rare) averages the tied components.
     """
 
     def __init__(self, m: MDNRNN) -> None:
         super().__init__(m)
         self.explicit = True
-        with torch.no_grad():
-            lstm = m.lstm
-            self.w_ih = lstm.weight_ih_l0.detach().t().contiguous()  # (Z + A, 4H)
-            self.w_hh = lstm.weight_hh_l0.detach().t().contiguous()  # (H, 4H)
-            self.b = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach()  # (4H,)
-            self.w_head = m.head.weight.detach().t().contiguous()  # (H, 3ZK + 2)
-            self.b_head = m.head.bias.detach().clone()
-        self.z_dim, self.k = m.z_dim, m.mixtures
+        z, hid, k = m.z_dim, m.hidden, m.mixtures
+        self.z_dim, self.k, self.hidden = z, k, hid
         self.predict_reward = m.predict_reward
+        ifog = torch.cat([torch.arange(2 * hid), torch.arange(3 * hid, 4 * hid), torch.arange(2 * hid, 3 * hid)])
+        kz = torch.arange(3 * z * k).view(3, z, k).transpose(1, 2).reshape(-1)
+        with torch.no_grad():
+            w_ih, w_hh = m.lstm.weight_ih_l0[ifog], m.lstm.weight_hh_l0[ifog]
+            bias = (m.lstm.bias_ih_l0 + m.lstm.bias_hh_l0)[ifog]
+            # rows follow the buffer [z, h, 1, a]: (Z + H + 1 + A, 4H)
+            self.w_gates = torch.cat([w_ih[:, :z].t(), w_hh.t(), bias[None], w_ih[:, z:].t()]).contiguous()
+            rows = torch.cat([kz, torch.arange(3 * z * k, 3 * z * k + 2)])
+            self.w_head = torch.cat([m.head.weight[rows].t(), m.head.bias[rows][None]]).contiguous()
+        self._head_tau: tuple[float, torch.Tensor] = (1.0, self.w_head)
+        self._next: torch.Tensor | None = None  # the last step's buffer [z', h', 1, ·] (B, Z + H + 1 + A)
 
     def sample_noise(self, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
-        u = rand((n, self.z_dim, self.k), generator, self.b.device)
-        eps = rand((n, self.z_dim), generator, self.b.device, normal=True)
-        return -torch.log(-torch.log(u)), eps
+        u = rand((n, self.z_dim, self.k), generator, self.w_head.device)
+        eps = rand((n, self.z_dim), generator, self.w_head.device, normal=True)
+        return (-torch.log(-torch.log(u))).transpose(1, 2).contiguous(), eps
+
+    def _is_last(self, state: State, z: torch.Tensor) -> bool:
+        """Are z and h the views into the last step's buffer (no compaction since)?"""
+        buf = self._next
+        return (buf is not None and z.shape[0] == buf.shape[0] and z.data_ptr() == buf.data_ptr()
+                and state[0].data_ptr() == buf[:, self.z_dim].data_ptr()
+                and z.stride() == state[0].stride() == buf.stride())
+
+    def features(self, state: State, z: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "zh" and self._is_last(state, z):
+            return self._next[:, : self.z_dim + self.hidden]
+        return self.m.features(state, z, mode)
+
+    def _head(self, temperature: float) -> torch.Tensor:
+        """W_head with the logit columns divided by τ (cached for the last τ)."""
+        if temperature in (0.0, 1.0):
+            return self.w_head
+        if self._head_tau[0] != temperature:
+            w = self.w_head.clone()
+            w[:, : self.k * self.z_dim] /= temperature
+            self._head_tau = (temperature, w)
+        return self._head_tau[1]
 
     def step(self, state: State, z: torch.Tensor, a: torch.Tensor, temperature: float,
              noise: tuple[torch.Tensor, ...], generator: torch.Generator | None = None):
         h, c = state
-        gates = torch.addmm(self.b, torch.cat([z, a], dim=1), self.w_ih).addmm_(h, self.w_hh)
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        out = torch.addmm(self.b_head, h, self.w_head)
-        zk = self.z_dim * self.k
-        logits, mu, log_sigma = out[:, : 3 * zk].unflatten(1, (3, self.z_dim, self.k)).unbind(1)
-        if temperature == 0:
-            z_next = mu.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1)
+        n, hid, zd, k = z.shape[0], self.hidden, self.z_dim, self.k
+        if self._is_last(state, z):
+            row = self._next
+            row[:, zd + hid + 1:] = a
         else:
-            gumbel, eps = noise
-            k = (logits / temperature + gumbel).argmax(-1, keepdim=True)
-            sigma = log_sigma.gather(-1, k).squeeze(-1).clamp_(LOG_SIGMA_MIN, LOG_SIGMA_MAX).exp_()
-            z_next = mu.gather(-1, k).squeeze(-1) + sigma * math.sqrt(temperature) * eps
+            row = torch.cat([z, h, h.new_ones(n, 1), a], dim=1)
+        gates = torch.mm(row, self.w_gates)  # (B, 4H): i, f, o, g
+        sig = gates[:, : 3 * hid].sigmoid_()
+        g = gates[:, 3 * hid:].tanh_()
+        c = sig[:, hid: 2 * hid].mul_(c).addcmul_(sig[:, :hid], g)  # c' = f c + i g
+        nxt = torch.empty_like(row)
+        nxt[:, zd + hid] = 1.0
+        h = torch.mul(sig[:, 2 * hid:], torch.tanh(c, out=g), out=nxt[:, zd: zd + hid])  # h' = o tanh(c')
+        out = torch.mm(nxt[:, zd: zd + hid + 1], self._head(temperature))  # (B, 3KZ + 2)
+        mix = out[:, : 3 * k * zd].view(n, 3, k, zd)
+        x = mix[:, 0] if temperature == 0 else mix[:, 0].add_(noise[0])  # logits / τ + Gumbel
+        pick = x.sub_(x.amax(1, keepdim=True)).sign_().add_(1.0)  # (B, K, Z): 1 for the winner, else 0
+        mu, log_sigma = (mix[:, 1:] * pick.unsqueeze(1)).sum(2).div_(pick.sum(1, keepdim=True)).unbind(1)
+        z_next = nxt[:, :zd]
+        if temperature == 0:
+            z_next.copy_(mu)
+        else:
+            sigma = log_sigma.clamp_(LOG_SIGMA_MIN, LOG_SIGMA_MAX).exp_().mul_(math.sqrt(temperature))
+            torch.addcmul(mu, sigma, noise[1], out=z_next)
+        self._next = nxt
         reward = out[:, -2] if self.predict_reward else torch.zeros_like(out[:, -2])
         return (h, c), z_next, reward, torch.sigmoid(out[:, -1])
 
@@ -221,7 +268,7 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
     terminated = torch.zeros(n, dtype=torch.bool, device=device)
     p, z, state = params.to(device), z0, m.initial_state(n)
     for t in range(settings.max_steps):
-        a = act_batched(spec, p, m.features(state, z, settings.features))
+        a = act_batched(spec, p, stepper.features(state, z, settings.features))
         noise = stepper.sample_noise(n_streams, generator)
         u = rand((n_streams,), generator, device) if settings.done == "sample" else None
         if stream is not None:
@@ -281,7 +328,7 @@ class DreamEnv(gym.Env):
         self._t = 0
 
     def _obs(self) -> np.ndarray:
-        f = self.m.features(self._state, self._z, self.settings.features)
+        f = self.stepper.features(self._state, self._z, self.settings.features)
         return f[0].detach().cpu().numpy().astype(np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):

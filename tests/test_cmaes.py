@@ -141,3 +141,27 @@ def test_resume_refuses_other_population_and_pretrained(tmp_path):
     (tmp_path / "r" / STATE_FILE).write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="cannot read"):
         train(make_run(tmp_path / "r", generations=2))
+
+
+def test_train_controller_loads_m_and_latents_from_the_run(tmp_path):
+    from worldmodel.mdnrnn import MDNRNN
+    from worldmodel.train_m import save_m
+
+    run = make_run(tmp_path, generations=2, population=4)
+    cfg = run.cfg
+    cfg.vae.z_dim, cfg.model.hidden, cfg.model.mixtures = 4, 8, 3
+    torch.manual_seed(0)
+    save_m(run.m_path, MDNRNN(4, 1, 8, 3), config_lib.to_dict(cfg)["model"])
+    run.latents_dir.mkdir()
+    for i in range(3):
+        mu = np.random.default_rng(i).normal(size=(6, 4)).astype(np.float32)
+        np.savez(run.latents_dir / f"ep_{i:06d}.npz", mu=mu, logvar=np.zeros_like(mu))
+    summary = train_controller(run, progress=False)
+    assert summary["generations"] == 2 and summary["num_params"] == (4 + 8) + 1
+    load_controller(run.controller_path, expected_params=13)
+
+    cfg.env.name = "carracing"  # its dream reward comes from M, which here has no reward head
+    cfg.model.predict_reward = False
+    with pytest.raises(UserError, match="predict_reward"):
+        train_controller(Run(dir=tmp_path / "cr", cfg=cfg), progress=False,
+                         m=MDNRNN(4, 3, 8, 3, predict_reward=False), starts=torch.zeros(2, 2, 4))

@@ -59,6 +59,7 @@ class VAEConfig:
     val_fraction: float = _f(0.05, low=0.0, high=0.5, doc="share of episodes held out")
     max_frames: Optional[int] = _f(None, low=1, doc="train on at most this many frames")
     seed: int = _f(0, low=0)
+    threads: Optional[int] = _f(None, low=1, doc="torch threads while training V; null = every core")
 
 
 @dataclass

@@ -148,21 +148,6 @@ def load_frames(run: Run, skip_bad: bool = False) -> FrameSet:
                     offsets=offsets, skipped=skipped)
 
 
-def split_episodes(n_episodes: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train / validation split of episode numbers 0..n-1: (train_ids, val_ids).
-
-    With two or more episodes and ``val_fraction > 0`` each side gets at least
-    one episode; ``val_fraction = 0`` (or a single episode) leaves validation empty.
-    """
-    order = np.random.default_rng(seed).permutation(n_episodes)
-    n_val = int(round(val_fraction * n_episodes))
-    if val_fraction > 0 and n_episodes >= 2:
-        n_val = min(max(n_val, 1), n_episodes - 1)
-    else:
-        n_val = 0
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
 def subsample(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A deterministic random ``fraction`` of ``indices`` (at least one when any), in order."""
     if fraction >= 1.0 or len(indices) == 0:

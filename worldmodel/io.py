@@ -14,11 +14,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from worldmodel.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextmanager
@@ -71,12 +72,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
     """``torch.save`` through a temporary file and a rename."""
+    import torch  # here, not at the top: collect's workers write files and must start without torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint without running code from it (``weights_only=True``)."""
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: checkpoint not found")

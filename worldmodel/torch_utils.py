@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from worldmodel.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA when present, else CPU."""
+    import torch  # here, not at the top: importing torch costs ~2 s in every worker process
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -26,6 +30,8 @@ def single_thread() -> None:
     Worker processes that keep the default pools oversubscribe a small machine,
     and ViZDoom (whose engine busy-waits) then collapses (docs/benchmarks.md).
     """
+    import torch
+
     for var in THREAD_ENV_VARS:
         os.environ[var] = "1"
     torch.set_num_threads(1)

@@ -12,6 +12,11 @@
 - ``latents/ep_XXXXXX.npz``  per episode (same number as its episode file):
   ``mu`` float32 (T, Z), ``logvar`` float32 (T, Z), and ``action``, ``reward``,
   ``done``, ``terminated`` copied from the episode, so M never reopens frames.
+  A file newer than ``vae.pt`` and its episode is kept; files of episodes that
+  are gone (or skipped as unreadable) are removed.
+
+Training uses ``vae.threads`` torch threads (default every core; on a machine
+other jobs share, 1 is faster: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from tqdm import tqdm
 
 from worldmodel.config import VAEConfig
 from worldmodel.episodes import episode_index, episode_path, load_episode, save_episode
-from worldmodel.frames import FrameSet, load_frames, split_episodes, subsample
+from worldmodel.errors import UserError
+from worldmodel.frames import FrameSet, load_frames, subsample
 from worldmodel.io import (
     append_jsonl,
     atomic_path,
@@ -41,6 +47,7 @@ from worldmodel.io import (
     save_checkpoint,
     write_text,
 )
+from worldmodel.latents import list_latents, split_episodes
 from worldmodel.runs import Run
 from worldmodel.torch_utils import resolve_device
 from worldmodel.vae import ConvVAE, encode_frames, preprocess, save_vae, vae_loss
@@ -53,6 +60,12 @@ LATENT_COPY_KEYS = ("action", "reward", "done", "terminated")
 
 def checkpoint_path(run: Run) -> Path:
     return run.dir / "vae_ckpt.pt"
+
+
+def make_optimizer(vae: ConvVAE, lr: float) -> torch.optim.Adam:
+    """Adam over V's parameters; the fused kernel where the device has one (about 5% faster on CPU)."""
+    device = next(vae.parameters()).device
+    return torch.optim.Adam(vae.parameters(), lr=lr, fused=device.type in ("cpu", "cuda") or None)
 
 
 def _available_cores() -> int:
@@ -93,13 +106,14 @@ def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> 
 
 def _train_epoch(vae: ConvVAE, opt: torch.optim.Optimizer, frames: FrameSet, train: np.ndarray,
                  cfg: VAEConfig, rng: np.random.Generator, device: torch.device,
-                 epoch: int) -> dict[str, float]:
+                 epoch: int, progress: bool = True) -> dict[str, float]:
     """One pass over ``train`` in random minibatches; returns the mean loss terms and img/s."""
     vae.train()
     sums = {k: torch.zeros((), device=device) for k in TERMS}
     seen, last_postfix = 0, 0.0
     start = time.perf_counter()
-    with tqdm(total=len(train), unit="img", desc=f"vae epoch {epoch}/{cfg.epochs}") as bar:
+    with tqdm(total=len(train), unit="img", desc=f"vae epoch {epoch}/{cfg.epochs}",
+              disable=not progress) as bar:
         for idx in _batches(train, cfg.batch_size, rng):
             x = preprocess(frames.frames[idx], device)
             recon, mu, logvar = vae(x)
@@ -176,6 +190,9 @@ def _resume(path: Path, vae: ConvVAE, opt: torch.optim.Optimizer, rng: np.random
     if not path.exists():
         return 0
     ckpt = load_checkpoint(path)
+    missing = [k for k in ("epoch", "model", "optimizer", "torch_rng", "cuda_rng", "numpy_rng") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not a V training checkpoint (lacks {', '.join(missing)}); delete it to restart")
     load_state_dict_checked(vae, ckpt["model"], path)
     opt.load_state_dict(ckpt["optimizer"])
     for group in opt.param_groups:
@@ -221,7 +238,7 @@ def _epoch_record(epoch: int, train: dict, val: dict | None, n_train: int, n_val
 # ----------------------------------------------------------------- latents
 
 def encode_latents(run: Run, vae: ConvVAE, frames: FrameSet, batch_size: int,
-                   device: torch.device) -> tuple[int, int]:
+                   device: torch.device, progress: bool = True) -> tuple[int, int]:
     """Write ``latents/ep_XXXXXX.npz`` for every episode; returns (written, kept).
 
     A latents file newer than both ``vae.pt`` and its episode file is kept.
@@ -229,8 +246,10 @@ def encode_latents(run: Run, vae: ConvVAE, frames: FrameSet, batch_size: int,
     vae.eval()
     vae_mtime = run.vae_path.stat().st_mtime_ns
     written = kept = 0
-    for i, ep in enumerate(tqdm(frames.episodes, unit="ep", desc="encode latents")):
+    for i, ep in enumerate(tqdm(frames.episodes, unit="ep", desc="encode latents", disable=not progress)):
         out = episode_path(run.latents_dir, episode_index(ep))
+        if frames.offsets[i + 1] == frames.offsets[i]:
+            continue  # an empty episode has no step for M to learn from
         if out.exists() and out.stat().st_mtime_ns > max(vae_mtime, ep.stat().st_mtime_ns):
             kept += 1
             continue
@@ -241,29 +260,40 @@ def encode_latents(run: Run, vae: ConvVAE, frames: FrameSet, batch_size: int,
     return written, kept
 
 
+def remove_orphan_latents(run: Run, frames: FrameSet) -> int:
+    """Delete latent files whose episode is gone or was skipped as unreadable; returns how many."""
+    current = {ep.name for ep in frames.episodes}
+    orphans = [p for p in list_latents(run.latents_dir) if p.name not in current]
+    for p in orphans:
+        p.unlink()
+    return len(orphans)
+
+
 # ----------------------------------------------------------------- the command
 
-def train_vae(run: Run, skip_bad: bool = False) -> dict:
+def train_vae(run: Run, skip_bad: bool = False, progress: bool = True) -> dict:
     """Train V on the run's frames (resuming from ``vae_ckpt.pt``), save ``vae.pt``, encode latents.
 
     Returns a summary: epochs, epochs_trained, val_loss (last epoch; None without
     validation episodes), frames, train_frames, val_frames, skipped_episodes,
-    latents_written, latents_kept.
+    latents_written, latents_kept, latents_removed (files of episodes now gone or skipped).
     """
-    with _threads(_available_cores()):
-        return _train_vae(run, skip_bad)
+    with _threads(run.cfg.vae.threads or _available_cores()):
+        return _train_vae(run, skip_bad, progress)
 
 
-def _train_vae(run: Run, skip_bad: bool) -> dict:
+def _train_vae(run: Run, skip_bad: bool, progress: bool) -> dict:
     cfg = run.cfg.vae
     device = resolve_device(run.cfg.system.device)
     frames = load_frames(run, skip_bad=skip_bad)
     train, val = split_frames(frames, cfg)
+    if len(train) == 0:
+        raise UserError(f"{run.episodes_dir}: the training episodes hold no frames")
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     vae = ConvVAE.from_config(run.cfg).to(device)
-    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    opt = make_optimizer(vae, cfg.lr)
     ckpt_path = checkpoint_path(run)
     done = _resume(ckpt_path, vae, opt, rng, cfg.lr)
     metrics_path = run.metrics_path("vae")
@@ -274,7 +304,7 @@ def _train_vae(run: Run, skip_bad: bool) -> dict:
     trained = 0
     for epoch in range(done + 1, cfg.epochs + 1):
         start = time.perf_counter()
-        train_terms = _train_epoch(vae, opt, frames, train, cfg, rng, device, epoch)
+        train_terms = _train_epoch(vae, opt, frames, train, cfg, rng, device, epoch, progress)
         val_terms = _evaluate(vae, frames, val, cfg, device)
         record = _epoch_record(epoch, train_terms, val_terms, len(train), len(val),
                                time.perf_counter() - start)
@@ -288,7 +318,8 @@ def _train_vae(run: Run, skip_bad: bool) -> dict:
 
     if trained or not run.vae_path.exists():
         save_vae(run.vae_path, vae)
-    written, kept = encode_latents(run, vae, frames, cfg.batch_size, device)
+    written, kept = encode_latents(run, vae, frames, cfg.batch_size, device, progress)
+    removed = remove_orphan_latents(run, frames)
     return {
         "epochs": cfg.epochs,
         "epochs_trained": trained,
@@ -299,6 +330,7 @@ def _train_vae(run: Run, skip_bad: bool) -> dict:
         "skipped_episodes": len(frames.skipped),
         "latents_written": written,
         "latents_kept": kept,
+        "latents_removed": removed,
     }
 
 

@@ -35,10 +35,12 @@ ENCODED = 2 * 2 * 256  # flattened encoder output and decoder input
 def preprocess(frames: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 frames (B, 64, 64, 3) -> float (B, 3, 64, 64) in [0, 1] on ``device``.
 
-    The permute is a view, so the result keeps the frames' pixel-interleaved
-    layout (channels_last strides), which is the layout the CPU convolutions
-    are fastest on (docs/benchmarks.md, "VAE training step").
+    The conversion happens on ``device``, so only uint8 bytes cross to a GPU.
+    The permute is a view: the result has channels_last strides, which the CPU
+    convolutions run as fast as contiguous NCHW (docs/benchmarks.md), so no copy.
     """
+    if isinstance(frames, np.ndarray) and not frames.flags.writeable:
+        frames = frames.copy()  # e.g. a read-only memory map; torch wants writable memory
     x = torch.as_tensor(frames).to(device, non_blocking=True)
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
