@@ -121,6 +121,8 @@ def collect(run: Run, workers: int | None = None, backend: str | None = None,
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".ep_*.tmp"):  # in flight when an earlier collect was killed
+        stale.unlink(missing_ok=True)
     manifest = sync_manifest(folder)
     done_names = set(manifest["episodes"])
     todo = [i for i in range(cfg.collect.episodes) if episode_path(folder, i).name not in done_names]
@@ -145,7 +147,8 @@ def collect(run: Run, workers: int | None = None, backend: str | None = None,
                 last_write = time.perf_counter()
     finally:
         bar.close()
-        write_manifest(folder, manifest)
+        if manifest != read_manifest(folder):  # a rerun with nothing to do changes no file
+            write_manifest(folder, manifest)
     elapsed = time.perf_counter() - start
     entries = manifest["episodes"].values()
     returns = [e["return"] for e in entries]

@@ -74,14 +74,9 @@ def play(task: dict) -> list[dict]:
 
 
 def _write_video(path: Path, frames: list[np.ndarray], env_name: str) -> None:
-    import imageio.v2 as imageio
+    from agents.watch import write_video
 
-    from worldmodel.io import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fps = 35 if env_name == "takecover" else 50
-    with atomic_path(path) as tmp:
-        imageio.mimwrite(tmp, frames, format="FFMPEG", fps=fps, macro_block_size=8)
+    write_video(path, np.stack(frames), fps=35 if env_name == "takecover" else 50)
 
 
 def _stats(returns: list[float]) -> dict:

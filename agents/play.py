@@ -143,6 +143,8 @@ def run_window(player: DreamPlayer, fps: float, max_frames: int | None = None) -
             pygame.display.flip()
             clock.tick(fps)
             frames += 1
+    except KeyboardInterrupt:  # Ctrl-C in the terminal quits the game like Esc
+        pass
     finally:
         pygame.display.quit()
     return player.summary()

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from agents.controller import Controller, ControllerSpec, load_controller
-from envs.dream import DreamEnv, DreamSettings, REWARD_MODES, load_start_latents, load_world_model
+from envs.dream import REWARD_MODES, DreamEnv, DreamSettings, load_start_latents, load_world_model
 from worldmodel.episodes import episode_index, episode_path, list_episodes, load_episode
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_path
@@ -278,6 +278,8 @@ def watch(run: Run, args: Any) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(cfg.eval.seed)
     for path in tqdm(episodes, desc="side by side", disable=quiet or None):
         ep = load_episode(path, keys=("obs", "action"))
+        if len(ep["obs"]) == 0:
+            continue
         cmp = compare_episode(vae, m, ep["obs"][:steps], ep["action"][:steps], tau, generator)
         name = f"compare_ep{episode_index(path):06d}_tau{tau:g}.mp4"
         compare.append(write_video(out / name, comparison_video_frames(cmp, tau), fps))

@@ -125,6 +125,29 @@ def _handle(task: Task, outcome: tuple[str, Any], attempts: dict[int, int], retr
     raise WorkerError(f"worker task {_describe(task)} failed after {retries + 1} attempts: {last}")
 
 
+class _TaskTimeout(BaseException):
+    """Not an Exception, so that ``_call`` does not catch it as a task failure to retry."""
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Interrupt the in-process task after ``seconds`` (SIGALRM; main thread on Unix, else no limit)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _TaskTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _run_local(fn: Callable[[Task], Any], tasks: list[Task], workers: int, timeout: float,
                retries: int) -> Iterator[tuple[Task, Any]]:
     if workers == 1:
@@ -132,7 +155,11 @@ def _run_local(fn: Callable[[Task], Any], tasks: list[Task], workers: int, timeo
         attempts: dict[int, int] = {}
         for task in tasks:
             while True:
-                outcome = _call(fn, task)
+                try:
+                    with _deadline(timeout):
+                        outcome = _call(fn, task)
+                except _TaskTimeout:
+                    raise WorkerError(f"worker task {_describe(task)} did not finish within {timeout:g} s") from None
                 if not _handle(task, outcome, attempts, retries):
                     yield task, outcome[1]
                     break
@@ -169,7 +196,7 @@ def _drive(pool: cf.ProcessPoolExecutor, fn: Callable[[Task], Any], queue: list[
         done, _ = cf.wait(pending, timeout=timeout, return_when=cf.FIRST_COMPLETED)
         if not done:
             names = ", ".join(_describe(t) for t in list(pending.values())[:3])
-            raise WorkerError(f"no worker task finished within {timeout:.0f} s (running: {names})")
+            raise WorkerError(f"no worker task finished within {timeout:g} s (running: {names})")
         for future in done:
             outcome = future.result()
             task = pending.pop(future)

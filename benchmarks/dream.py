@@ -38,14 +38,10 @@ from worldmodel.m import build_m
 Z_DIM, MIXTURES, ACTION_DIM = 64, 5, 1
 
 
-def best_of(fn: Callable[[], None], rounds: int) -> float:
-    """Fastest of ``rounds`` timed calls, in seconds."""
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def seconds(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def step_flops(hidden: int, feature_dim: int) -> dict[str, int]:
@@ -103,11 +99,11 @@ def bench_hidden(hidden: int, population: int, rollouts: int, steps: int, single
     best = {name: float("inf") for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
-            best[name] = min(best[name], best_of(fn, 1))
+            best[name] = min(best[name], seconds(fn))
     counts = {"batched": n * steps, "batched_m_imagine_step": n * steps, "one_at_a_time": single * steps}
     rate = {name: counts[name] / best[name] for name in counts}
     flops = step_flops(hidden, spec.feature_dim)
-    flop_s = 2 * n * gemm_reps * (flops["lstm"] + flops["heads"]) / 2 / best["gemm"]
+    flop_s = n * gemm_reps * (flops["lstm"] + flops["heads"]) / best["gemm"]
     bound = flop_s / sum(flops.values())
     return {"hidden": hidden, "dreams": n, "steps": steps, **{f"{k}_steps_per_s": v for k, v in rate.items()},
             "flops_per_step": sum(flops.values()), "gemm_gflop_s": flop_s / 1e9, "bound_steps_per_s": bound,

@@ -193,3 +193,18 @@ def test_watch_command_line(tmp_path):
                              "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "dream_videos" in result.stdout and (run.dir / "videos" / "dream_tau1.15_00.mp4").exists()
+
+
+@pytest.mark.slow
+def test_watch_and_plot_on_a_smoke_run(tmp_path):
+    """The real stages on configs/smoke.yaml, then watch and plot (about a minute)."""
+    run_dir = tmp_path / "smoke"
+    log = open(tmp_path / "log.txt", "w")  # not a pipe: game processes may outlive a stage
+    for command in ("collect", "train-vae", "train-rnn", "dream", "watch", "plot"):
+        extra = ["--config", str(SMOKE)] if command == "collect" else []
+        result = subprocess.run([sys.executable, "run.py", command, "--run", str(run_dir), "--quiet", *extra],
+                                cwd=ROOT, stdout=log, stderr=log, timeout=600)
+        assert result.returncode == 0, (tmp_path / "log.txt").read_text()[-2000:]
+    videos = run_dir / "videos"
+    assert list(videos.glob("dream_tau*.mp4")) and list(videos.glob("compare_ep*.gif"))
+    assert all((run_dir / "plots" / f"{s}.png").exists() for s in ("vae", "m", "dream"))

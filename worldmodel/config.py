@@ -9,6 +9,7 @@ a message that names the key and the value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -160,7 +161,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" in a file as a string; a number is meant
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif base is str:
         if isinstance(value, str):

@@ -69,11 +69,16 @@ def _line(ax, records: list[dict], x_key: str, y_key: str, label: str, **style) 
     return bool(xs)
 
 
+def _has_signal(records: list[dict], keys: list[str]) -> bool:
+    """Some value of ``keys`` is non-zero (a head that is not trained, such as M's reward
+    with ``model.predict_reward`` off, logs 0 throughout and gets no panel)."""
+    return any(v != 0 for key in keys for v in _series(records, "epoch", key)[1])
+
+
 def _term_panels(records: list[dict], terms: tuple, keys: tuple[str, str], title: str, path: Path,
                  extra: tuple = ()) -> str | None:
     """One panel per loss term with train and validation lines (``keys``: formats of the two names)."""
-    shown = [(t, label) for t, label in terms
-             if any(_series(records, "epoch", k.format(t))[0] for k in keys)]
+    shown = [(t, label) for t, label in terms if _has_signal(records, [k.format(t) for k in keys])]
     extra_shown = [(k, label) for k, label in extra if _series(records, "epoch", k)[0]]
     if not shown and not extra_shown:
         return None

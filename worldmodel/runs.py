@@ -99,7 +99,9 @@ def open_run(run_dir: str | os.PathLike | None, config_path: str | os.PathLike |
                 )
         if stored_cfg is not None:
             cfg = config_lib.from_dict({"name": stored_cfg.name}, base=cfg)
-            changed = config_lib.diff(stored_cfg, cfg)
+            # Fields given with --set may differ: rerunning the command that made the run resumes it.
+            overridden = {config_lib.parse_override(text)[0] for text in overrides}
+            changed = set(config_lib.diff(stored_cfg, cfg)) - overridden
             if changed:
                 keys = ", ".join(sorted(changed)[:5])
                 raise UserError(

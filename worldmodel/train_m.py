@@ -24,6 +24,7 @@ from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, load_checkpoint, load_state_dict_checked, save_checkpoint
 from worldmodel.latents import Latents, list_latents, load_latents, make_batch, split_episodes, windows
 from worldmodel.m import WorldModel, build_m
+from worldmodel.plots import plot_run
 from worldmodel.runs import Run
 from worldmodel.torch_utils import resolve_device
 
@@ -236,6 +237,7 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
     save_m(run.m_path, m, dataclasses.asdict(cfg.model))
     summary = {"m_path": str(run.m_path), "train_episodes": train.n_episodes,
                "val_episodes": val.n_episodes if val is not None else 0, **record}
+    plot_run(run, stages=("m",))
     print(f"M saved to {run.m_path}")
     print(_format_done(summary))
     return summary

@@ -48,6 +48,7 @@ from worldmodel.io import (
     write_text,
 )
 from worldmodel.latents import list_latents, split_episodes
+from worldmodel.plots import plot_run
 from worldmodel.runs import Run
 from worldmodel.torch_utils import resolve_device
 from worldmodel.vae import ConvVAE, encode_frames, preprocess, save_vae, vae_loss
@@ -320,6 +321,7 @@ def _train_vae(run: Run, skip_bad: bool, progress: bool) -> dict:
         save_vae(run.vae_path, vae)
     written, kept = encode_latents(run, vae, frames, cfg.batch_size, device, progress)
     removed = remove_orphan_latents(run, frames)
+    plot_run(run, stages=("vae",))
     return {
         "epochs": cfg.epochs,
         "epochs_trained": trained,

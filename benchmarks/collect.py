@@ -1,0 +1,140 @@
+"""Collect: our `collect` against a plain single-process gymnasium loop.
+
+For each env, in this process: a plain loop (``envs.make``, the same policy and
+seeds, ``np.savez_compressed`` of every episode, as a hand-written data script
+would do) and our :func:`agents.collect.collect` with its default settings (one
+worker per core, held_random for TakeCover, brownian for CarRacing).  Rounds
+alternate between the two so that load from other processes hits both alike.
+
+Two figures for ours:
+
+- total: every step over the whole call's wall time, which includes what a user
+  pays: starting the workers, starting the engines, writing the files and the
+  manifest, stopping the workers.
+- steady: steps of the episodes that finish after the first round of episodes
+  (one per worker) over the time from the end of that round to the last episode
+  (episode-file modification times): the throughput once the workers are warm.
+
+    python benchmarks/collect.py [--envs takecover carracing] [--rounds 2]
+        [--episodes 16 8] [--max-steps 500 200] [--workers N]
+
+Results: docs/benchmarks.md, "Collect".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import envs
+from agents.collect import collect, episode_seed
+from agents.policies import make_policy
+from agents.workers import default_workers
+from worldmodel import config as config_lib
+from worldmodel.config import Config
+from worldmodel.episodes import list_episodes, read_manifest
+from worldmodel.runs import open_run
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = {"takecover": "configs/takecover-cpu.yaml", "carracing": "configs/carracing-cpu.yaml"}
+
+
+def bench_config(env: str, episodes: int, max_steps: int) -> Config:
+    cfg = config_lib.load(ROOT / PRESETS[env])
+    return config_lib.apply_overrides(cfg, [f"collect.episodes={episodes}", f"collect.max_steps={max_steps}",
+                                            f"env.max_steps={max_steps}"])
+
+
+def plain_loop(cfg: Config, out: Path) -> dict:
+    """The hand-written version: one process, one env, the same policy and seeds, one .npz per episode."""
+    start = time.perf_counter()
+    env = envs.make(cfg.env.name, frame_skip=cfg.env.frame_skip, max_steps=cfg.env.max_steps)
+    policy = make_policy(cfg.collect, env.action_space)
+    steps, save_s = 0, 0.0
+    for i in range(cfg.collect.episodes):
+        seed = episode_seed(cfg.collect.seed, i)
+        obs, _ = env.reset(seed=seed)
+        policy.reset(np.random.default_rng(seed))
+        frames, actions, rewards, dones = [], [], [], []
+        done = False
+        while not done:
+            action = policy.act(obs)
+            frames.append(obs)
+            actions.append(action)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            done = terminated or truncated or len(frames) >= cfg.collect.max_steps
+            rewards.append(reward)
+            dones.append(done)
+        steps += len(frames)
+        t = time.perf_counter()
+        np.savez_compressed(out / f"ep_{i:06d}.npz", obs=np.stack(frames), action=np.stack(actions),
+                            reward=np.asarray(rewards, np.float32), done=np.asarray(dones))
+        save_s += time.perf_counter() - t
+    env.close()
+    wall = time.perf_counter() - start
+    return {"steps": steps, "wall": wall, "steps_per_s": steps / wall, "env_steps_per_s": steps / (wall - save_s)}
+
+
+def ours(cfg: Config, out: Path, workers: int | None) -> dict:
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(config_lib.dump(cfg))
+    run = open_run(out, None)
+    start = time.perf_counter()
+    summary = collect(run, workers=workers, progress=False)
+    wall = time.perf_counter() - start
+    n_workers = workers or cfg.collect.workers or default_workers()
+    return {"steps": summary["new_steps"], "wall": wall, "steps_per_s": summary["new_steps"] / wall,
+            "steady_steps_per_s": _steady(run.episodes_dir, n_workers)}
+
+
+def _steady(folder: Path, workers: int) -> float:
+    """Steps per second after the first round of episodes, from the episode files' mtimes."""
+    entries = read_manifest(folder)["episodes"]
+    finished = sorted((p.stat().st_mtime, entries[p.name]["steps"]) for p in list_episodes(folder))
+    if len(finished) <= workers:
+        return float("nan")
+    later = finished[workers:]
+    return sum(s for _, s in later) / (later[-1][0] - finished[workers - 1][0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envs", nargs="+", default=["takecover", "carracing"], choices=sorted(PRESETS))
+    parser.add_argument("--episodes", nargs="+", type=int, default=[16, 8], help="per env, in --envs order")
+    parser.add_argument("--max-steps", nargs="+", type=int, default=[500, 200], help="per env, in --envs order")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="ours: worker processes (default: one per core)")
+    args = parser.parse_args()
+
+    cores = default_workers()
+    print(f"machine: {platform.machine()}, {cores} cores usable, python {platform.python_version()}")
+    for i, env in enumerate(args.envs):
+        cfg = bench_config(env, args.episodes[i % len(args.episodes)], args.max_steps[i % len(args.max_steps)])
+        plain, mine = [], []
+        for r in range(args.rounds):
+            with tempfile.TemporaryDirectory() as tmp:
+                plain.append(plain_loop(cfg, Path(tmp)))
+                mine.append(ours(cfg, Path(tmp) / "run", args.workers))
+            load = os.getloadavg()[0]
+            print(f"{env} round {r + 1}: plain {plain[-1]['steps_per_s']:.0f} steps/s "
+                  f"({plain[-1]['steps']} steps, {plain[-1]['wall']:.1f} s; env alone "
+                  f"{plain[-1]['env_steps_per_s']:.0f}), ours total {mine[-1]['steps_per_s']:.0f} steps/s "
+                  f"({mine[-1]['wall']:.1f} s), steady {mine[-1]['steady_steps_per_s']:.0f} steps/s; "
+                  f"load {load:.1f}")
+        p = statistics.median(x["steps_per_s"] for x in plain)
+        t = statistics.median(x["steps_per_s"] for x in mine)
+        s = statistics.median(x["steady_steps_per_s"] for x in mine)
+        print(f"{env}: {cfg.collect.episodes} episodes x <= {cfg.collect.max_steps} steps, policy "
+              f"{cfg.collect.policy}, workers {args.workers or cfg.collect.workers or cores}: plain {p:.0f} steps/s, "
+              f"ours total {t:.0f} steps/s ({t / p:.2f}x), ours steady {s:.0f} steps/s ({s / p:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

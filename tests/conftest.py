@@ -1,0 +1,55 @@
+"""Fixtures shared by the test files.
+
+- ``run_cli(*args, timeout=120)``: ``python run.py *args`` in a subprocess from the
+  repository root; returns the ``CompletedProcess`` (text stdout / stderr).
+- ``make_run(name="run", overrides=())``: a new run folder under ``tmp_path`` with the
+  config of ``configs/smoke.yaml`` plus ``--set`` overrides; returns the ``Run``.
+- ``smoke_run``: one per test session, a run (configs/smoke.yaml) holding 2 collected
+  TakeCover episodes of 40 steps, collected in-process.  Shared: treat it as
+  read-only, and copy it (``shutil.copytree(smoke_run.dir, tmp_path / "run")``,
+  then ``open_run``) before changing anything.
+
+``ROOT`` and ``SMOKE`` (repository root, configs/smoke.yaml) can be imported
+from here as ``from conftest import ROOT, SMOKE``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from worldmodel.runs import Run, open_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+SMOKE_RUN_OVERRIDES = ("collect.episodes=2", "collect.max_steps=40", "env.max_steps=40")
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., subprocess.CompletedProcess]:
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "run.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def make_run(tmp_path: Path) -> Callable[..., Run]:
+    def make(name: str = "run", overrides: tuple[str, ...] | list[str] = ()) -> Run:
+        return open_run(tmp_path / name, SMOKE, list(overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    from agents.collect import collect
+
+    run = open_run(tmp_path_factory.mktemp("smoke") / "run", SMOKE, list(SMOKE_RUN_OVERRIDES))
+    collect(run, workers=1, progress=False)
+    return run

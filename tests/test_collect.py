@@ -1,0 +1,198 @@
+"""collect: episode files, manifest, rerun and resume after a kill; worker retries and timeouts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, SMOKE
+
+import envs
+from agents.collect import collect, episode_seed
+from agents.workers import WorkerError, run_tasks
+from worldmodel.episodes import KEYS, list_episodes, load_episode, read_manifest
+
+STEPS = 40
+KILL_EPISODES = 16
+
+
+# ----------------------------------------------------------------- worker entry points (importable)
+
+def flaky(task: dict) -> int:
+    """Fails on the first ``task["fail"]`` calls (counted in a file), then returns the call number."""
+    with open(task["log"], "a") as f:
+        f.write("x")
+    calls = len(Path(task["log"]).read_text())
+    if calls <= task["fail"]:
+        raise RuntimeError(f"flaky failure {calls}")
+    return calls
+
+
+def hang(task: dict) -> None:
+    time.sleep(300)
+
+
+# ----------------------------------------------------------------- the files
+
+@pytest.fixture(scope="module", params=envs.REAL_ENVS)
+def collected(request, tmp_path_factory):
+    """(run, summary) of 2 episodes of ``STEPS`` steps collected by 2 worker processes."""
+    from worldmodel.runs import open_run
+
+    name = request.param
+    policy = "brownian" if name == "carracing" else "held_random"
+    run = open_run(tmp_path_factory.mktemp(name) / "run", SMOKE, [
+        f"env.name={name}", f"collect.policy={policy}", "collect.episodes=2",
+        f"collect.max_steps={STEPS}", f"env.max_steps={STEPS}",
+    ])
+    return run, collect(run, workers=2, progress=False)
+
+
+def test_episode_files(collected):
+    run, summary = collected
+    files = list_episodes(run.episodes_dir)
+    assert [f.name for f in files] == ["ep_000000.npz", "ep_000001.npz"]
+    assert summary["episodes"] == summary["new_episodes"] == 2
+    a = envs.action_dim(run.cfg.env.name)
+    for path in files:
+        ep = load_episode(path)
+        with np.load(path) as raw:
+            assert sorted(raw.files) == sorted(KEYS)
+        t = len(ep["reward"])
+        assert t == STEPS  # neither game ends itself this early under these policies
+        assert ep["obs"].shape == (t, 64, 64, 3) and ep["obs"].dtype == np.uint8
+        assert ep["action"].shape == (t, a) and ep["action"].dtype == np.float32
+        assert ep["reward"].shape == (t,) and ep["reward"].dtype == np.float32
+        assert ep["done"].dtype == np.bool_ and ep["terminated"].dtype == np.bool_
+        assert ep["done"][-1] and not ep["done"][:-1].any()
+        assert not ep["terminated"].any()  # ended by the step cap
+        assert np.all(np.abs(ep["action"]) <= 1.0)
+
+
+def test_manifest_matches_files(collected):
+    run, summary = collected
+    entries = read_manifest(run.episodes_dir)["episodes"]
+    assert sorted(entries) == ["ep_000000.npz", "ep_000001.npz"]
+    for name, entry in entries.items():
+        ep = load_episode(run.episodes_dir / name)
+        assert entry["steps"] == len(ep["reward"])
+        assert entry["return"] == pytest.approx(float(ep["reward"].sum()), abs=1e-3)
+        assert entry["terminated"] is False
+    assert summary["steps"] == 2 * STEPS
+
+
+def test_steps_align_with_the_env(collected):
+    """Replaying the file's actions from its seed gives its frames and rewards: step t is
+    (frame before the action, the action, the reward after it)."""
+    run, _ = collected
+    ep = load_episode(run.episodes_dir / "ep_000001.npz")
+    env = envs.make(run.cfg.env.name, max_steps=STEPS)
+    try:
+        obs, _ = env.reset(seed=episode_seed(run.cfg.collect.seed, 1))
+        for t in range(len(ep["reward"])):
+            np.testing.assert_array_equal(obs, ep["obs"][t], err_msg=f"frame {t}")
+            obs, reward, *_ = env.step(ep["action"][t])
+            assert reward == pytest.approx(ep["reward"][t], abs=1e-5), f"reward {t}"
+    finally:
+        env.close()
+
+
+def test_rerun_skips_finished_episodes(collected):
+    run, _ = collected
+    before = {p.name: p.stat().st_mtime_ns for p in list_episodes(run.episodes_dir)}
+    summary = collect(run, workers=2, progress=False)
+    assert summary["new_episodes"] == 0 and summary["new_steps"] == 0
+    assert summary["episodes"] == 2
+    assert {p.name: p.stat().st_mtime_ns for p in list_episodes(run.episodes_dir)} == before
+
+
+def test_shared_smoke_run(smoke_run):
+    files = list_episodes(smoke_run.episodes_dir)
+    assert len(files) == 2
+    assert all(len(load_episode(f)["reward"]) == 40 for f in files)
+
+
+# ----------------------------------------------------------------- kill and resume
+
+def _processes_below(pid: int) -> list[int]:
+    from agents.workers import _descendants
+
+    return list(_descendants({pid}))
+
+
+def test_resume_after_kill(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "run.py", "collect", "--config", str(SMOKE), "--run", str(run_dir), "--quiet",
+           "--set", f"collect.episodes={KILL_EPISODES}", "--set", "collect.max_steps=120", "--set", "env.max_steps=120"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    episodes = run_dir / "episodes"
+    try:
+        deadline = time.monotonic() + 60
+        while not list_episodes(episodes):
+            assert proc.poll() is None, f"collect ended early: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no episode within 60 s"
+            time.sleep(0.05)
+        below = _processes_below(proc.pid)  # workers and their game engines
+        assert below
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+    # Orphaned workers notice within a second or so and exit, closing their engines.
+    deadline = time.monotonic() + 15
+    while any(os.path.exists(f"/proc/{pid}") for pid in below) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in below if os.path.exists(f"/proc/{pid}")], "workers outlived their parent"
+
+    done_before = list_episodes(episodes)
+    assert 1 <= len(done_before) < KILL_EPISODES, "the kill came too late to test a resume"
+    for path in done_before:  # nothing with a final name is half-written
+        assert len(load_episode(path)["reward"]) > 0
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in done_before}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    files = list_episodes(episodes)
+    assert [f.name for f in files] == [f"ep_{i:06d}.npz" for i in range(KILL_EPISODES)]
+    for path in files:
+        ep = load_episode(path)
+        assert ep["done"][-1] and not ep["done"][:-1].any()
+    assert {n: (episodes / n).stat().st_mtime_ns for n in mtimes} == mtimes  # finished ones kept
+    assert not list(episodes.glob(".*.tmp")), "temporary files left behind"
+    assert sorted(read_manifest(episodes)["episodes"]) == [f.name for f in files]
+    assert f"new_episodes: {KILL_EPISODES - len(done_before)}" in result.stdout
+
+
+# ----------------------------------------------------------------- workers
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failing_task_is_retried_then_reported(tmp_path, capsys, workers):
+    tasks = [{"name": "doomed", "log": str(tmp_path / "doomed"), "fail": 99}]
+    with pytest.raises(WorkerError, match="doomed failed after 2 attempts: RuntimeError: flaky failure 2"):
+        list(run_tasks(flaky, tasks, workers=workers, retries=1, timeout=60))
+    assert (tmp_path / "doomed").read_text() == "xx"
+    err = capsys.readouterr().err
+    assert "retrying doomed" in err and "Traceback" in err  # the worker's traceback is shown
+
+
+def test_task_that_fails_once_succeeds_on_retry(tmp_path):
+    tasks = [{"name": f"t{i}", "log": str(tmp_path / f"t{i}"), "fail": i % 2} for i in range(4)]
+    results = dict((t["name"], r) for t, r in run_tasks(flaky, tasks, workers=2, retries=1, timeout=60))
+    assert results == {"t0": 1, "t1": 2, "t2": 1, "t3": 2}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_hung_task_times_out(workers):
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="within 1 s"):
+        list(run_tasks(hang, [{"name": "stuck"}], workers=workers, timeout=1.0))
+    assert time.monotonic() - start < 15
