@@ -22,7 +22,8 @@ Files in the run folder (all written atomically, once per generation):
   when a real check has run, else the candidate with the best dream fitness so far
   ("pick the controller by a held-out real evaluation, not by dream score alone").
 - ``controller_dream.pt``: the best-dream-fitness candidate, always.
-- ``metrics/dream.jsonl`` one record per generation; ``plots/dream_curve.png``.
+- ``metrics/dream.jsonl``: one record per generation; ``plots/dream.png`` drawn from it by
+  :func:`worldmodel.plots.plot_run` after every real check and at the end.
 """
 
 from __future__ import annotations
@@ -40,18 +41,11 @@ import torch
 from tqdm import tqdm
 
 from agents.controller import ControllerSpec, save_controller
-from envs.dream import (
-    DreamSettings,
-    Stepper,
-    dream_rollouts,
-    load_start_latents,
-    load_world_model,
-    make_stepper,
-    sample_start_z,
-)
+from envs.dream import DreamSettings, dream_rollouts, load_start_latents, load_world_model, sample_start_z
 from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, atomic_path, write_text
 from worldmodel.m import WorldModel
+from worldmodel.plots import plot_run
 from worldmodel.runs import Run
 from worldmodel.torch_utils import resolve_device
 
@@ -73,8 +67,7 @@ def generation_seed(seed: int, generation: int) -> int:
 
 
 def dream_fitness(m: WorldModel, candidates: np.ndarray, spec: ControllerSpec, settings: DreamSettings,
-                  starts: torch.Tensor, rollouts: int, generator: torch.Generator,
-                  stepper: Stepper | None = None) -> tuple[np.ndarray, float, int]:
+                  starts: torch.Tensor, rollouts: int, generator: torch.Generator) -> tuple[np.ndarray, float, int]:
     """Mean dream return of each candidate over ``rollouts`` common-noise dreams.
 
     candidates: (C, P) -> (fitness (C,), mean dream length, total dream steps).
@@ -85,7 +78,7 @@ def dream_fitness(m: WorldModel, candidates: np.ndarray, spec: ControllerSpec, s
     z0 = sample_start_z(starts, rollouts, generator).to(device)  # (R, Z)
     params = torch.as_tensor(candidates, dtype=torch.float32, device=device).repeat_interleave(rollouts, 0)
     streams = torch.arange(rollouts, device=device).repeat(n_cand)
-    result = dream_rollouts(m, params, spec, z0.repeat(n_cand, 1), settings, generator, streams, stepper)
+    result = dream_rollouts(m, params, spec, z0.repeat(n_cand, 1), settings, generator, streams)
     fitness = result.returns.view(n_cand, rollouts).mean(1).cpu().numpy().astype(np.float64)
     return fitness, float(result.lengths.float().mean()), int(result.lengths.sum())
 
@@ -148,29 +141,6 @@ def _save_controllers(run: Run, state: dict, spec: ControllerSpec, settings: Dre
     save_controller(run.controller_path, best["params"], _meta(spec, settings, best, source))
 
 
-def plot_curve(path: Path, history: list[dict]) -> None:
-    """Dream fitness (mean, best, centre) and real score per generation, as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    gens = [h["generation"] for h in history]
-    for key, label in (("dream_mean", "dream: population mean"), ("dream_best", "dream: best candidate"),
-                       ("centre_dream", "dream: centre")):
-        ax.plot(gens, [h[key] for h in history], label=label)
-    real = [(h["generation"], h["real_mean"]) for h in history if h.get("real_mean") is not None]
-    if real:
-        ax.plot(*zip(*real), "o-", color="black", label="real: centre")
-    ax.set_xlabel("generation")
-    ax.set_ylabel("return")
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-
-
 # ----------------------------------------------------------------- the loop
 
 def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: bool = True, *,
@@ -191,7 +161,6 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
         raise UserError(f"config env.name {cfg.env.name!r}: the dream's reward comes from M's reward head, "
                         "but M was trained with model.predict_reward=false")
     spec = ControllerSpec.for_env(cfg.env.name, m.feature_dim(settings.features))
-    stepper = make_stepper(m)
 
     state_path = run.path(STATE_FILE)
     if state_path.exists():
@@ -206,15 +175,17 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
     bar = tqdm(total=c.generations, initial=start_generation, disable=not progress, desc="dream",
                unit="gen", dynamic_ncols=True)
     while state["generation"] < c.generations:
-        record = _one_generation(state, m, spec, settings, starts, stepper, c, evaluate_fn)
+        record = _one_generation(state, m, spec, settings, starts, c, evaluate_fn)
         _save_controllers(run, state, spec, settings)
         _save_state(state_path, state)
         append_jsonl(metrics_path, record)
-        plot_curve(run.path("plots", "dream_curve.png"), state["history"])
+        if record["real_mean"] is not None:
+            plot_run(run, stages=("dream",))
         bar.update(1)
         bar.set_postfix(best=f"{record['dream_best']:.1f}", mean=f"{record['dream_mean']:.1f}",
                         real="-" if record["real_mean"] is None else f"{record['real_mean']:.1f}")
     bar.close()
+    plot_run(run, stages=("dream",))
     if state["best_dream"] is None:
         raise UserError(f"{state_path}: no generation has run (cmaes.generations = {c.generations})")
     source = "real" if state["best_real"] is not None else "dream"
@@ -234,7 +205,7 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
 
 
 def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: DreamSettings,
-                    starts: torch.Tensor, stepper: Stepper, c, evaluate_fn: EvaluateFn | None) -> dict:
+                    starts: torch.Tensor, c, evaluate_fn: EvaluateFn | None) -> dict:
     """Ask, dream, tell, maybe check the centre in the real game; updates ``state`` in place."""
     es = state["es"]
     generation = state["generation"] + 1
@@ -242,8 +213,7 @@ def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: 
     solutions = es.ask()
     candidates = np.vstack([np.asarray(solutions), es.mean[None, :]])  # last row: the centre
     generator = torch.Generator(device="cpu").manual_seed(generation_seed(c.seed, generation))
-    fitness, mean_length, steps = dream_fitness(m, candidates, spec, settings, starts, c.rollouts,
-                                                generator, stepper)
+    fitness, mean_length, steps = dream_fitness(m, candidates, spec, settings, starts, c.rollouts, generator)
     es.tell(solutions, (-fitness[:-1]).tolist())
     pop, centre = fitness[:-1], float(fitness[-1])
     best_i = int(np.argmax(pop))

@@ -41,9 +41,8 @@ def _eval_current(run: Run) -> bool:
 def pipeline(run: Run, workers: int | None = None, backend: str | None = None, skip_bad: bool = False,
              progress: bool = True) -> dict:
     """All stages on one run folder; prints each stage's summary and the final scores."""
-    from worldmodel.train_vae import train_vae
-
     from worldmodel.train_m import train_m
+    from worldmodel.train_vae import train_vae
 
     stages = [
         ("collect", lambda: collect(run, workers=workers, backend=backend, progress=progress)),

@@ -7,7 +7,8 @@ real one when ``RAY_ADDRESS`` or ``system.ray_address`` names it.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from worldmodel.errors import UserError
 

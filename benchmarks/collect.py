@@ -15,8 +15,8 @@ Two figures for ours:
   (one per worker) over the time from the end of that round to the last episode
   (episode-file modification times): the throughput once the workers are warm.
 
-    python benchmarks/collect.py [--envs takecover carracing] [--rounds 2]
-        [--episodes 16 8] [--max-steps 500 200] [--workers N]
+    python benchmarks/collect.py [--envs takecover carracing] [--rounds 3]
+        [--episodes 32 8] [--max-steps 500 200] [--workers N]
 
 Results: docs/benchmarks.md, "Collect".
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -52,9 +53,15 @@ def bench_config(env: str, episodes: int, max_steps: int) -> Config:
                                             f"env.max_steps={max_steps}"])
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished descendants (workers, game engines)."""
+    own, done = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + done.ru_utime + done.ru_stime
+
+
 def plain_loop(cfg: Config, out: Path) -> dict:
     """The hand-written version: one process, one env, the same policy and seeds, one .npz per episode."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     env = envs.make(cfg.env.name, frame_skip=cfg.env.frame_skip, max_steps=cfg.env.max_steps)
     policy = make_policy(cfg.collect, env.action_space)
     steps, save_s = 0, 0.0
@@ -79,19 +86,22 @@ def plain_loop(cfg: Config, out: Path) -> dict:
         save_s += time.perf_counter() - t
     env.close()
     wall = time.perf_counter() - start
-    return {"steps": steps, "wall": wall, "steps_per_s": steps / wall, "env_steps_per_s": steps / (wall - save_s)}
+    return {"steps": steps, "wall": wall, "steps_per_s": steps / wall, "env_steps_per_s": steps / (wall - save_s),
+            "cpu_ms_per_step": 1000 * (cpu_seconds() - cpu) / steps}
 
 
 def ours(cfg: Config, out: Path, workers: int | None) -> dict:
     out.mkdir(parents=True)
     (out / "config.yaml").write_text(config_lib.dump(cfg))
     run = open_run(out, None)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     summary = collect(run, workers=workers, progress=False)
     wall = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu
     n_workers = workers or cfg.collect.workers or default_workers()
     return {"steps": summary["new_steps"], "wall": wall, "steps_per_s": summary["new_steps"] / wall,
-            "steady_steps_per_s": _steady(run.episodes_dir, n_workers)}
+            "steady_steps_per_s": _steady(run.episodes_dir, n_workers),
+            "cpu_ms_per_step": 1000 * cpu / summary["new_steps"]}
 
 
 def _steady(folder: Path, workers: int) -> float:
@@ -107,9 +117,9 @@ def _steady(folder: Path, workers: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=["takecover", "carracing"], choices=sorted(PRESETS))
-    parser.add_argument("--episodes", nargs="+", type=int, default=[16, 8], help="per env, in --envs order")
+    parser.add_argument("--episodes", nargs="+", type=int, default=[32, 8], help="per env, in --envs order")
     parser.add_argument("--max-steps", nargs="+", type=int, default=[500, 200], help="per env, in --envs order")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="ours: worker processes (default: one per core)")
     args = parser.parse_args()
 
@@ -127,6 +137,7 @@ def main() -> None:
                   f"({plain[-1]['steps']} steps, {plain[-1]['wall']:.1f} s; env alone "
                   f"{plain[-1]['env_steps_per_s']:.0f}), ours total {mine[-1]['steps_per_s']:.0f} steps/s "
                   f"({mine[-1]['wall']:.1f} s), steady {mine[-1]['steady_steps_per_s']:.0f} steps/s; "
+                  f"CPU ms/step plain {plain[-1]['cpu_ms_per_step']:.2f}, ours {mine[-1]['cpu_ms_per_step']:.2f}; "
                   f"load {load:.1f}")
         p = statistics.median(x["steps_per_s"] for x in plain)
         t = statistics.median(x["steps_per_s"] for x in mine)

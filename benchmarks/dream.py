@@ -4,9 +4,10 @@ MDN-RNN at the TakeCover sizes (z 64, 5 mixtures, one action; hidden 256 and 512
 linear controller on [z, h].  Dream steps per second (one step of one dream) of:
 
 - batched: :func:`envs.dream.dream_rollouts` on the whole generation (64 × 16 = 1024
-  dreams) with the fast MDN-RNN stepper;
-- batched, M's own ``imagine_step`` (nn.LSTM + ``mdn_sample``), for reference;
-- one at a time: the same function and stepper, one dream after another;
+  dreams), through ``MDNRNN.imagine_step`` (the fused step);
+- batched, unfused: the same M stepped through ``nn.LSTM``, the heads as they are trained
+  and argmax + gather (:class:`UnfusedMDNRNN`), for reference;
+- one at a time: the same function and M, one dream after another;
 - the FLOP bound: FLOPs of one dream step (LSTM gates, heads, controller; elementwise
   work not counted) against the FLOP/s of the step's two GEMMs timed as plain
   ``torch.mm`` calls of the same sizes in this process.
@@ -31,11 +32,26 @@ from collections.abc import Callable
 import torch
 
 from agents.controller import ControllerSpec
-from envs.dream import DreamSettings, Stepper, dream_rollouts, make_stepper
+from envs.dream import DreamSettings, dream_rollouts
 from worldmodel.config import Config
-from worldmodel.m import build_m
+from worldmodel.mdnrnn import MDNRNN
 
 Z_DIM, MIXTURES, ACTION_DIM = 64, 5, 1
+
+
+class UnfusedMDNRNN(MDNRNN):
+    """The MDN-RNN stepped the plain way: ``nn.LSTM`` for one step, ``heads``, and the
+    component picked by argmax + gather — what the fused ``imagine_step`` is timed against."""
+
+    def features(self, state, z, mode):
+        return torch.cat([z, state[0]], dim=-1)
+
+    def imagine_step(self, state, z, action, temperature, generator=None, noise=None):
+        p, state = self(z[:, None], action[:, None], state)
+        gumbel, eps = noise
+        k = (p["logits"][:, 0] / temperature + gumbel.transpose(1, 2)).argmax(-1, keepdim=True)
+        mu, sigma = p["mu"][:, 0].gather(-1, k)[..., 0], p["log_sigma"][:, 0].gather(-1, k)[..., 0].exp()
+        return state, mu + sigma * temperature**0.5 * eps, p["reward"][:, 0], torch.sigmoid(p["done_logit"][:, 0])
 
 
 def seconds(fn: Callable[[], None]) -> float:
@@ -73,7 +89,9 @@ def gemm_round(n: int, hidden: int, reps: int = 10) -> Callable[[], None]:
 def bench_hidden(hidden: int, population: int, rollouts: int, steps: int, single: int, rounds: int) -> dict:
     cfg = Config()
     cfg.vae.z_dim, cfg.model.hidden, cfg.model.mixtures = Z_DIM, hidden, MIXTURES
-    m = build_m(cfg, Z_DIM, ACTION_DIM).eval()
+    m = MDNRNN.from_config(cfg, Z_DIM, ACTION_DIM).eval()
+    unfused = UnfusedMDNRNN.from_config(cfg, Z_DIM, ACTION_DIM).eval()
+    unfused.load_state_dict(m.state_dict())
     spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
     n = population * rollouts
     g = torch.Generator().manual_seed(0)
@@ -81,18 +99,16 @@ def bench_hidden(hidden: int, population: int, rollouts: int, steps: int, single
     z0 = torch.randn(n, Z_DIM, generator=g)
     streams = torch.arange(rollouts).repeat(population)
     settings = DreamSettings(max_steps=steps, done="threshold", done_threshold=1.0)
-    fast, plain = make_stepper(m), Stepper(m)
-    assert type(fast) is not Stepper, "expected the MDN-RNN fast stepper"
 
-    def batched(stepper: Stepper) -> Callable[[], None]:
-        return lambda: dream_rollouts(m, params, spec, z0, settings, g, streams, stepper)
+    def batched(model: MDNRNN) -> Callable[[], None]:
+        return lambda: dream_rollouts(model, params, spec, z0, settings, g, streams)
 
     def one_at_a_time() -> None:
         for i in range(single):
-            dream_rollouts(m, params[i: i + 1], spec, z0[i: i + 1], settings, g, stepper=fast)
+            dream_rollouts(m, params[i: i + 1], spec, z0[i: i + 1], settings, g)
 
     gemm_reps = 10
-    variants = {"batched": batched(fast), "batched_m_imagine_step": batched(plain),
+    variants = {"batched": batched(m), "batched_unfused": batched(unfused),
                 "one_at_a_time": one_at_a_time, "gemm": gemm_round(n, hidden, gemm_reps)}
     for fn in variants.values():  # warm up
         fn()
@@ -100,7 +116,7 @@ def bench_hidden(hidden: int, population: int, rollouts: int, steps: int, single
     for _ in range(rounds):
         for name, fn in variants.items():
             best[name] = min(best[name], seconds(fn))
-    counts = {"batched": n * steps, "batched_m_imagine_step": n * steps, "one_at_a_time": single * steps}
+    counts = {"batched": n * steps, "batched_unfused": n * steps, "one_at_a_time": single * steps}
     rate = {name: counts[name] / best[name] for name in counts}
     flops = step_flops(hidden, spec.feature_dim)
     flop_s = n * gemm_reps * (flops["lstm"] + flops["heads"]) / best["gemm"]
@@ -129,8 +145,8 @@ def main() -> None:
             r = bench_hidden(hidden, args.population, args.rollouts, args.steps, args.single, args.rounds)
             print(f"\nhidden {hidden}: {r['dreams']} dreams × {r['steps']} steps, "
                   f"{r['flops_per_step'] / 1e6:.2f} MFLOP per dream step, GEMMs at {r['gemm_gflop_s']:.0f} GFLOP/s")
-            print(f"  batched (fast stepper)      {r['batched_steps_per_s']:>10,.0f} steps/s")
-            print(f"  batched (M.imagine_step)    {r['batched_m_imagine_step_steps_per_s']:>10,.0f} steps/s")
+            print(f"  batched (fused step)        {r['batched_steps_per_s']:>10,.0f} steps/s")
+            print(f"  batched (unfused, nn.LSTM)  {r['batched_unfused_steps_per_s']:>10,.0f} steps/s")
             print(f"  one dream at a time         {r['one_at_a_time_steps_per_s']:>10,.0f} steps/s")
             print(f"  FLOP bound                  {r['bound_steps_per_s']:>10,.0f} steps/s")
             print(f"  batched / one at a time     {r['batched_vs_one']:>10.1f}x")

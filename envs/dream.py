@@ -11,21 +11,19 @@ Two faces of one loop:
 Reward: ``"alive"`` (TakeCover) gives +1 for every step, the last one included, so a
 dream's return is its length; ``"model"`` (CarRacing) sums M's predicted r_{t+1}.
 Done: ``"threshold"`` ends a dream when P(d_{t+1}) > ``done_threshold``; ``"sample"``
-ends it when u < P(d_{t+1}) with u ~ U(0, 1).
+ends it when u < P(d_{t+1}) with u ~ U(0, 1).  The done rule is the dream's, not M's, so
+u is the dream's own draw (per stream, after M's noise), not part of M's noise.
 
 Common random numbers: every dream belongs to a noise *stream* (``streams``).  Each step
-draws noise for the S streams only and gives every dream its stream's row, so candidate
-i's rollout j sees the same start z and the same noise as every other candidate's rollout
-j; fitness differences then come from the controllers, not from luck.  This needs the
-noise drawn apart from M's step (:class:`Stepper`): an M may offer
-``sample_noise(S, generator)`` and ``imagine_step(..., noise=...)``; the MDN-RNN gets
-:class:`MDNRNNStepper` here; any other M falls back to its own ``generator`` draws (then
-only the start z are common).
+draws M's noise for the S streams only (``m.sample_noise(S, generator)``) and hands every
+live dream its stream's row (``imagine_step(..., noise=...)``), so candidate i's rollout j
+sees the same start z and the same noise as every other candidate's rollout j, however
+many dreams have already ended; fitness differences then come from the controllers, not
+from luck.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,9 +35,9 @@ import torch
 from agents.controller import ControllerSpec, act_batched, action_space
 from worldmodel.config import Config
 from worldmodel.errors import UserError
-from worldmodel.m import State, WorldModel
-from worldmodel.mdnrnn import LOG_SIGMA_MAX, LOG_SIGMA_MIN, MDNRNN
+from worldmodel.m import WorldModel
 from worldmodel.runs import Run, open_run
+from worldmodel.torch_utils import rand
 
 REWARD_MODES = {"takecover": "alive", "carracing": "model"}
 
@@ -78,141 +76,6 @@ class DreamResult:
     terminated: torch.Tensor
 
 
-# ----------------------------------------------------------------- one step, noise drawn apart
-
-def rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
-         normal: bool = False) -> torch.Tensor:
-    """U(0, 1) (or N(0, 1)) draws from ``generator`` on its own device, moved to ``device``."""
-    where = generator.device if generator is not None else device
-    draw = torch.randn if normal else torch.rand
-    return draw(shape, generator=generator, device=where).to(device)
-
-
-class Stepper:
-    """``imagine_step`` with its noise drawn separately, so dreams can share noise rows.
-
-    ``sample_noise(S, generator)`` -> tuple of (S, ...) tensors; ``step(state, z (B, Z),
-    a (B, A), τ, noise, generator)`` with noise rows aligned to z's rows -> (state',
-    z' (B, Z), r (B,), P(d) (B,)).  This generic one uses M's own ``sample_noise`` and
-    ``imagine_step(..., noise=)`` when M has them; otherwise the noise is empty and M
-    draws per dream from ``generator`` (no common noise across candidates).
-    """
-
-    def __init__(self, m: WorldModel) -> None:
-        self.m = m
-        self.explicit = callable(getattr(m, "sample_noise", None))
-
-    def sample_noise(self, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
-        return tuple(self.m.sample_noise(n, generator)) if self.explicit else ()
-
-    def features(self, state: State, z: torch.Tensor, mode: str) -> torch.Tensor:
-        return self.m.features(state, z, mode)
-
-    def step(self, state: State, z: torch.Tensor, a: torch.Tensor, temperature: float,
-             noise: tuple[torch.Tensor, ...], generator: torch.Generator | None):
-        if self.explicit:
-            return self.m.imagine_step(state, z, a, temperature, noise=noise)
-        return self.m.imagine_step(state, z, a, temperature, generator)
-
-
-class MDNRNNStepper(Stepper):
-    """:meth:`MDNRNN.imagine_step` with explicit noise, rearranged for speed (same maths).
-
-    Noise: Gumbel (S, K, Z) from u drawn as (S, Z, K), then ε (S, Z) — the draws of
-    ``mdn_sample``, so for one generator both give the same z.  A step is two GEMMs on
-    one row buffer [z, h, 1, a]: gates = row @ W (biases ride on the 1 column; gate columns
-    i, f, o, g so that one sigmoid covers three) and heads = [h', 1] @ W_head (logit columns
-    pre-divided by τ, columns laid out (3, K, Z) so the mixture choice reduces over K with
-    Z contiguous).  h' and z' are written straight into the next row buffer, whose [z, h]
-    is also the controller's input (no copies).  The component is picked with float
-    arithmetic in place (max, sign), since argmax/gather/where are slow on the CPU; an
-    exact tie (rare) averages the tied components.
-    """
-
-    def __init__(self, m: MDNRNN) -> None:
-        super().__init__(m)
-        self.explicit = True
-        z, hid, k = m.z_dim, m.hidden, m.mixtures
-        self.z_dim, self.k, self.hidden = z, k, hid
-        self.predict_reward = m.predict_reward
-        ifog = torch.cat([torch.arange(2 * hid), torch.arange(3 * hid, 4 * hid), torch.arange(2 * hid, 3 * hid)])
-        kz = torch.arange(3 * z * k).view(3, z, k).transpose(1, 2).reshape(-1)
-        with torch.no_grad():
-            w_ih, w_hh = m.lstm.weight_ih_l0[ifog], m.lstm.weight_hh_l0[ifog]
-            bias = (m.lstm.bias_ih_l0 + m.lstm.bias_hh_l0)[ifog]
-            # rows follow the buffer [z, h, 1, a]: (Z + H + 1 + A, 4H)
-            self.w_gates = torch.cat([w_ih[:, :z].t(), w_hh.t(), bias[None], w_ih[:, z:].t()]).contiguous()
-            rows = torch.cat([kz, torch.arange(3 * z * k, 3 * z * k + 2)])
-            self.w_head = torch.cat([m.head.weight[rows].t(), m.head.bias[rows][None]]).contiguous()
-        self._head_tau: tuple[float, torch.Tensor] = (1.0, self.w_head)
-        self._next: torch.Tensor | None = None  # the last step's buffer [z', h', 1, ·] (B, Z + H + 1 + A)
-
-    def sample_noise(self, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
-        u = rand((n, self.z_dim, self.k), generator, self.w_head.device)
-        eps = rand((n, self.z_dim), generator, self.w_head.device, normal=True)
-        return (-torch.log(-torch.log(u))).transpose(1, 2).contiguous(), eps
-
-    def _is_last(self, state: State, z: torch.Tensor) -> bool:
-        """Are z and h the views into the last step's buffer (no compaction since)?"""
-        buf = self._next
-        return (buf is not None and z.shape[0] == buf.shape[0] and z.data_ptr() == buf.data_ptr()
-                and state[0].data_ptr() == buf[:, self.z_dim].data_ptr()
-                and z.stride() == state[0].stride() == buf.stride())
-
-    def features(self, state: State, z: torch.Tensor, mode: str) -> torch.Tensor:
-        if mode == "zh" and self._is_last(state, z):
-            return self._next[:, : self.z_dim + self.hidden]
-        return self.m.features(state, z, mode)
-
-    def _head(self, temperature: float) -> torch.Tensor:
-        """W_head with the logit columns divided by τ (cached for the last τ)."""
-        if temperature in (0.0, 1.0):
-            return self.w_head
-        if self._head_tau[0] != temperature:
-            w = self.w_head.clone()
-            w[:, : self.k * self.z_dim] /= temperature
-            self._head_tau = (temperature, w)
-        return self._head_tau[1]
-
-    def step(self, state: State, z: torch.Tensor, a: torch.Tensor, temperature: float,
-             noise: tuple[torch.Tensor, ...], generator: torch.Generator | None = None):
-        h, c = state
-        n, hid, zd, k = z.shape[0], self.hidden, self.z_dim, self.k
-        if self._is_last(state, z):
-            row = self._next
-            row[:, zd + hid + 1:] = a
-        else:
-            row = torch.cat([z, h, h.new_ones(n, 1), a], dim=1)
-        gates = torch.mm(row, self.w_gates)  # (B, 4H): i, f, o, g
-        sig = gates[:, : 3 * hid].sigmoid_()
-        g = gates[:, 3 * hid:].tanh_()
-        c = sig[:, hid: 2 * hid].mul_(c).addcmul_(sig[:, :hid], g)  # c' = f c + i g
-        nxt = torch.empty_like(row)
-        nxt[:, zd + hid] = 1.0
-        h = torch.mul(sig[:, 2 * hid:], torch.tanh(c, out=g), out=nxt[:, zd: zd + hid])  # h' = o tanh(c')
-        out = torch.mm(nxt[:, zd: zd + hid + 1], self._head(temperature))  # (B, 3KZ + 2)
-        mix = out[:, : 3 * k * zd].view(n, 3, k, zd)
-        x = mix[:, 0] if temperature == 0 else mix[:, 0].add_(noise[0])  # logits / τ + Gumbel
-        pick = x.sub_(x.amax(1, keepdim=True)).sign_().add_(1.0)  # (B, K, Z): 1 for the winner, else 0
-        mu, log_sigma = (mix[:, 1:] * pick.unsqueeze(1)).sum(2).div_(pick.sum(1, keepdim=True)).unbind(1)
-        z_next = nxt[:, :zd]
-        if temperature == 0:
-            z_next.copy_(mu)
-        else:
-            sigma = log_sigma.clamp_(LOG_SIGMA_MIN, LOG_SIGMA_MAX).exp_().mul_(math.sqrt(temperature))
-            torch.addcmul(mu, sigma, noise[1], out=z_next)
-        self._next = nxt
-        reward = out[:, -2] if self.predict_reward else torch.zeros_like(out[:, -2])
-        return (h, c), z_next, reward, torch.sigmoid(out[:, -1])
-
-
-def make_stepper(m: WorldModel) -> Stepper:
-    """M's own noise interface when it has one, else the MDN-RNN stepper, else the fallback."""
-    if not callable(getattr(m, "sample_noise", None)) and isinstance(m, MDNRNN):
-        return MDNRNNStepper(m)
-    return Stepper(m)
-
-
 # ----------------------------------------------------------------- where dreams start
 
 def load_start_latents(run: Run | str | os.PathLike) -> torch.Tensor:
@@ -248,16 +111,15 @@ def _gen_device(generator: torch.Generator | None) -> torch.device:
 @torch.inference_mode()
 def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0: torch.Tensor,
                    settings: DreamSettings, generator: torch.Generator | None = None,
-                   streams: torch.Tensor | None = None, stepper: Stepper | None = None) -> DreamResult:
+                   streams: torch.Tensor | None = None) -> DreamResult:
     """Run N dreams to their end, each with its own controller.
 
     params: (N, P) controller weights; z0: (N, Z) start latents; streams: (N,) int64 noise
     stream of each dream, values in [0, S) (None: every dream its own stream, S = N).
-    Per step the noise for the S streams is drawn from ``generator`` (then the done
+    Per step M's noise for the S streams is drawn from ``generator`` (then the done
     uniforms (S,) when ``settings.done == "sample"``), so the draws do not depend on
     how many dreams are still alive.
     """
-    stepper = stepper or make_stepper(m)
     device = z0.device
     n = params.shape[0]
     n_streams = n if streams is None else int(streams.max()) + 1
@@ -268,13 +130,13 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
     terminated = torch.zeros(n, dtype=torch.bool, device=device)
     p, z, state = params.to(device), z0, m.initial_state(n)
     for t in range(settings.max_steps):
-        a = act_batched(spec, p, stepper.features(state, z, settings.features))
-        noise = stepper.sample_noise(n_streams, generator)
+        a = act_batched(spec, p, m.features(state, z, settings.features))
+        noise = m.sample_noise(n_streams, generator)
         u = rand((n_streams,), generator, device) if settings.done == "sample" else None
         if stream is not None:
             noise = tuple(x.index_select(0, stream) for x in noise)
             u = None if u is None else u.index_select(0, stream)
-        state, z, r, d = stepper.step(state, z, a, settings.temperature, noise, generator)
+        state, z, r, d = m.imagine_step(state, z, a, settings.temperature, noise=noise)
         if settings.reward == "model":
             returns.index_add_(0, rows, r.to(returns.dtype))
         ended = settings.ended(d, u)
@@ -317,7 +179,6 @@ class DreamEnv(gym.Env):
         self.settings = settings or DreamSettings(reward=REWARD_MODES[env_name])
         self.vae = vae.eval() if vae is not None else None
         self.render_mode = render_mode
-        self.stepper = make_stepper(m)
         dim = m.feature_dim(self.settings.features)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
         self.action_space = action_space(env_name)
@@ -328,7 +189,7 @@ class DreamEnv(gym.Env):
         self._t = 0
 
     def _obs(self) -> np.ndarray:
-        f = self.stepper.features(self._state, self._z, self.settings.features)
+        f = self.m.features(self._state, self._z, self.settings.features)
         return f[0].detach().cpu().numpy().astype(np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -348,11 +209,11 @@ class DreamEnv(gym.Env):
         low, high = self.action_space.low, self.action_space.high
         a = np.clip(np.asarray(action, dtype=np.float32).reshape(1, -1), low, high)
         with torch.inference_mode():
-            noise = self.stepper.sample_noise(1, self._gen)
+            noise = self.m.sample_noise(1, self._gen)
             u = rand((1,), self._gen, self._device) if self.settings.done == "sample" else None
-            self._state, self._z, r, d = self.stepper.step(
+            self._state, self._z, r, d = self.m.imagine_step(
                 self._state, self._z, torch.from_numpy(a).to(self._device), self.settings.temperature,
-                noise, self._gen)
+                noise=noise)
             terminated = bool(self.settings.ended(d, u)[0])
             obs = self._obs()
         self._t += 1

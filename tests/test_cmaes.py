@@ -79,20 +79,23 @@ def test_cmaes_improves_dream_fitness(tmp_path):
     assert summary["best_dream_score"] > 17 and summary["controller_source"] == "dream"
     params, meta = load_controller(tmp_path / "controller.pt", expected_params=4)
     assert meta["source"] == "dream" and params.shape == (4,)
-    assert (tmp_path / "plots" / "dream_curve.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "dream.png").stat().st_size > 1000  # plots.py's, the one dream plot
+    assert not (tmp_path / "plots" / "dream_curve.png").exists()
 
 
 def test_controller_picked_by_real_score(tmp_path):
-    calls = []
+    calls, plotted = [], []
 
     def evaluate_fn(params, episodes, seed):
         calls.append((params.copy(), episodes, seed))
+        plotted.append((tmp_path / "plots" / "dream.png").exists())
         return [100.0 - len(calls)] * episodes  # the first check scores best
 
     summary = train(make_run(tmp_path, generations=5, eval_every=2), evaluate_fn=evaluate_fn)
     history = [json.loads(line) for line in (tmp_path / "metrics" / "dream.jsonl").read_text().splitlines()]
     assert [h["generation"] for h in history if h["real_mean"] is not None] == [2, 4, 5]  # and the last
     assert len(calls) == 3 and all(e == 2 for _, e, _ in calls)
+    assert plotted == [False, True, True]  # the dream plot is redrawn after each real check
     assert summary["controller_source"] == "real" and summary["best_real_generation"] == 2
     params, meta = load_controller(tmp_path / "controller.pt")
     np.testing.assert_allclose(params, calls[0][0], rtol=1e-6)

@@ -13,7 +13,6 @@ from agents.controller import Controller, ControllerSpec
 from envs.dream import (
     DreamEnv,
     DreamSettings,
-    MDNRNNStepper,
     dream_rollouts,
     load_start_latents,
     make_dream_env,
@@ -104,19 +103,51 @@ def test_finished_dreams_are_masked_out_with_known_returns():
     assert m.batch_sizes == [5] * 3 + [2] * 4
 
 
-class RecordingStepper(MDNRNNStepper):
-    def __init__(self, m):
-        super().__init__(m)
-        self.zs: list[torch.Tensor] = []
+class StreamM(FakeM):
+    """FakeM that keeps z (so z[:, 0] names the dream) and records the noise row each dream got.
 
-    def step(self, *args, **kwargs):
-        out = super().step(*args, **kwargs)
-        self.zs.append(out[1].clone())
+    Row s of the k-th ``sample_noise`` call is 100 k + s, so a row says which draw and stream it is.
+    """
+
+    def __init__(self):
+        super().__init__(short=3, long=7)
+        self.draws, self.seen = 0, []
+
+    def sample_noise(self, n, generator):
+        self.draws += 1
+        return (torch.arange(n, dtype=torch.float32)[:, None] + 100.0 * self.draws,)
+
+    def imagine_step(self, state, z, action, temperature, generator=None, noise=None):
+        self.seen.append((z[:, 0].long().tolist(), noise[0][:, 0].tolist()))
+        state, _, r, done = super().imagine_step(state, z, action, temperature, noise=(torch.zeros_like(z),))
+        return state, z, r, done
+
+
+def test_each_dream_gets_its_streams_noise_row_as_the_batch_shrinks():
+    m = StreamM()
+    spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
+    params = bias_params(spec, [1.0, -1.0, 1.0, -1.0, -1.0])  # dreams 1, 3, 4 end after 3 steps
+    streams = [0, 1, 2, 0, 1]
+    z0 = torch.zeros(5, 3)
+    z0[:, 0] = torch.arange(5)
+    res = dream_rollouts(m, params, spec, z0, DreamSettings(max_steps=6), None, torch.tensor(streams))
+    assert res.lengths.tolist() == [6, 3, 6, 3, 3] and m.draws == 6
+    assert [ids for ids, _ in m.seen] == [[0, 1, 2, 3, 4]] * 3 + [[0, 2]] * 3
+    for k, (ids, rows) in enumerate(m.seen, start=1):
+        assert rows == [100.0 * k + streams[i] for i in ids]
+
+
+def recording(imagine_step, zs: list):
+    """imagine_step that also appends each z_{t+1} it returns to ``zs``."""
+    def step(*args, **kwargs):
+        out = imagine_step(*args, **kwargs)
+        zs.append(out[1].clone())
         return out
+    return step
 
 
 @pytest.mark.parametrize("done,reward,done_bias", [("sample", "alive", -3.0), ("threshold", "model", 0.2)])
-def test_single_batched_dream_matches_dream_env(done, reward, done_bias):
+def test_single_batched_dream_matches_dream_env(done, reward, done_bias, monkeypatch):
     m = tiny_mdnrnn(done_bias=done_bias)
     with torch.no_grad():
         m.head.weight[-1].zero_()
@@ -139,11 +170,13 @@ def test_single_batched_dream_matches_dream_env(done, reward, done_bias):
                 break
         gen = torch.Generator().manual_seed(seed)
         z0 = sample_start_z(starts, 1, gen)
-        stepper = RecordingStepper(m)
-        res = dream_rollouts(m, params, spec, z0, settings, gen, stepper=stepper)
+        zs = []
+        with monkeypatch.context() as patch:
+            patch.setattr(m, "imagine_step", recording(m.imagine_step, zs))
+            res = dream_rollouts(m, params, spec, z0, settings, gen)
         assert int(res.lengths[0]) == steps and bool(res.terminated[0]) == terminated
         assert float(res.returns[0]) == pytest.approx(total, rel=1e-5)
-        np.testing.assert_allclose(torch.cat(stepper.zs).numpy(), np.stack(env_zs), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(torch.cat(zs).numpy(), np.stack(env_zs), rtol=1e-5, atol=1e-6)
         lengths.append(steps)
     assert min(lengths) > 10  # long enough to compare many steps
 
@@ -168,18 +201,6 @@ def test_common_random_numbers_across_candidates():
     torch.testing.assert_close(ab.returns[:3], ac.returns[:3])
     assert aa.lengths[:3].tolist() == aa.lengths[3:].tolist()
     assert len(set(ab.lengths.tolist())) > 1  # the test is not vacuous: dreams end at different steps
-
-
-def test_mdnrnn_stepper_is_mdnrnn_imagine_step():
-    m = tiny_mdnrnn()
-    stepper = MDNRNNStepper(m)
-    g = torch.Generator().manual_seed(5)
-    z, a = torch.randn(6, 4, generator=g), torch.rand(6, 1, generator=g) * 2 - 1
-    state = (torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g))
-    ref = m.imagine_step(state, z, a, 1.15, torch.Generator().manual_seed(9))
-    got = stepper.step(state, z, a, 1.15, stepper.sample_noise(6, torch.Generator().manual_seed(9)), None)
-    for x, y in zip([*ref[0], *ref[1:]], [*got[0], *got[1:]]):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("env_name", ["takecover", "carracing"])

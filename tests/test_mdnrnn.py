@@ -145,6 +145,85 @@ def test_stepping_matches_sequence_forward():
                                m(batch["z"][:, :1], batch["action"][:, :1])[1][1])
 
 
+def _reference_step(m: MDNRNN, state, z, action, temperature, noise):
+    """nn.LSTM (``forward``) and Gumbel-max by argmax + gather: what imagine_step must compute."""
+    p, state = m(z[:, None], action[:, None], state)
+    logits, mu, log_sigma = (p[k][:, 0] for k in ("logits", "mu", "log_sigma"))  # (B, Z, K)
+    gumbel, eps = noise  # (B, K, Z), (B, Z)
+    k = (logits / temperature + gumbel.transpose(1, 2)).argmax(-1, keepdim=True)
+    z_next = mu.gather(-1, k)[..., 0] + log_sigma.gather(-1, k)[..., 0].exp() * temperature**0.5 * eps
+    return state, z_next, p["reward"][:, 0], torch.sigmoid(p["done_logit"][:, 0])
+
+
+@pytest.mark.parametrize("tau", [1.15, 1.0])
+def test_imagine_step_with_noise_matches_lstm_and_gumbel_max(tau):
+    """Three chained steps (the later ones reuse the row buffer) against an independent computation."""
+    m, g = _model(), torch.Generator().manual_seed(5)
+    z, a = torch.randn(6, Z, generator=g), torch.rand(6, 3, A, generator=g) * 2 - 1
+    state = ref_state = (torch.randn(6, H, generator=g), torch.randn(6, H, generator=g))
+    ref_z = z
+    for t in range(3):
+        noise = m.sample_noise(6, g)
+        assert [tuple(x.shape) for x in noise] == [(6, K, Z), (6, Z)]
+        state, z, reward, done = m.imagine_step(state, z, a[:, t], tau, noise=noise)
+        ref_state, ref_z, ref_reward, ref_done = _reference_step(m, ref_state, ref_z, a[:, t], tau, noise)
+        for got, want in zip([*state, z, reward, done], [*ref_state, ref_z, ref_reward, ref_done]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.features(state, z, "zh"), torch.cat([ref_z, ref_state[0]], 1),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_same_noise_gives_same_sample_row_by_row():
+    m, batch = _model(), _batch()
+    state, z, a = m.initial_state(4), batch["z"][:, 0], batch["action"][:, 0]
+    noise = m.sample_noise(4, torch.Generator().manual_seed(3))
+    first = m.imagine_step(state, z, a, 1.15, noise=noise)[1]
+    torch.testing.assert_close(m.imagine_step(state, z, a, 1.15, noise=noise)[1], first)
+    # Without noise, imagine_step draws sample_noise(B, generator): the same step.
+    drawn = m.imagine_step(state, z, a, 1.15, torch.Generator().manual_seed(3))[1]
+    torch.testing.assert_close(drawn, first)
+    # Row i of the noise drives row i of the batch.
+    rows = torch.tensor([2, 0, 3, 1])
+    shuffled = m.imagine_step((state[0][rows], state[1][rows]), z[rows], a[rows], 1.15,
+                              noise=tuple(x[rows] for x in noise))[1]
+    torch.testing.assert_close(shuffled, first[rows])
+    assert not torch.allclose(m.imagine_step(state, z, a, 1.15, noise=m.sample_noise(4, None))[1], first)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_noise_path_statistics_match_tempered_mixture(tau):
+    """imagine_step's z_{t+1} with sample_noise against MixtureSameFamily at logits / τ, σ √τ."""
+    m, g = _model(), torch.Generator().manual_seed(0)
+    logits, mu = torch.randn(Z, K, generator=g), 2 * torch.randn(Z, K, generator=g)
+    log_sigma = 0.5 * torch.randn(Z, K, generator=g)
+    with torch.no_grad():  # heads that ignore h: the same mixture for every row
+        m.head.weight.zero_()
+        m.head.bias[: 3 * Z * K] = torch.stack([logits, mu, log_sigma]).flatten()
+    n = 100_000
+    z, a = torch.randn(n, Z, generator=g), torch.randn(n, A, generator=g)
+    samples = m.imagine_step(m.initial_state(n), z, a, tau, noise=m.sample_noise(n, g))[1]
+    expected = MixtureSameFamily(Categorical(logits=logits / tau), Normal(mu, log_sigma.exp() * tau**0.5))
+    torch.testing.assert_close(samples.mean(0), expected.mean, atol=0.03, rtol=0)
+    torch.testing.assert_close(samples.var(0), expected.variance, atol=0.0, rtol=0.03)
+
+
+def test_stepping_follows_changed_weights():
+    """The fused step weights are rebuilt when the parameters change in place or move."""
+    m, batch = _model(), _batch()
+    state, z, a = m.initial_state(4), batch["z"][:, 0], batch["action"][:, 0]
+    m.imagine_step(state, z, a, 0.0)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m.loss(batch)["loss"].backward()
+    opt.step()
+    for dtype in (torch.float32, torch.float64):  # in place (the step), then moved (.to)
+        m.to(dtype)
+        args = (m.initial_state(4), z.to(dtype), a.to(dtype))
+        _, _, reward, done = m.imagine_step(*args, 0.0)
+        p, _ = m(args[1][:, None], args[2][:, None])
+        torch.testing.assert_close(done, torch.sigmoid(p["done_logit"][:, 0]))
+        torch.testing.assert_close(reward, p["reward"][:, 0])
+
+
 def test_imagine_step_is_reproducible_with_generator():
     m, batch = _model(), _batch()
     state = m.initial_state(4)

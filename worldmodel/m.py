@@ -9,6 +9,17 @@ Time convention (as in the paper): at step t the controller sees
 returns ``state_{t+1}``, from which M predicts ``z_{t+1}``, ``r_{t+1}`` and
 ``d_{t+1}``.  Every tensor in a state has the batch dimension first, so the
 dream can index a state with a mask (``tuple(s[alive] for s in state)``).
+
+Noise: ``sample_noise(B, generator)`` draws the random numbers that one
+``imagine_step`` of B rows consumes, as a tuple of (B, ...) tensors whose layout
+only M knows; ``imagine_step(..., noise=noise)`` uses them instead of drawing,
+row i of the noise driving row i of the batch.  The dream draws noise for a few
+streams and hands every dream its stream's row, even as finished dreams leave
+the batch, so that CMA-ES candidates are compared on the same luck (common
+random numbers).  Without ``noise``, ``imagine_step`` draws
+``sample_noise(B, generator)`` itself (or nothing, where the step needs no
+randomness, e.g. at τ = 0): both ways give the same step.  The dream's own
+randomness (start z, the done rule) stays in the dream.
 """
 
 from __future__ import annotations
@@ -61,6 +72,14 @@ class WorldModel(nn.Module, abc.ABC):
         """Filter one real step: consume z_t (B, Z) and a_t (B, A), return state_{t+1}."""
 
     @abc.abstractmethod
+    def sample_noise(self, batch_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        """The random numbers one :meth:`imagine_step` of ``batch_size`` rows consumes.
+
+        A tuple of (B, ...) tensors on M's device, drawn from ``generator`` (which may live
+        on another device; None: torch's default generator).
+        """
+
+    @abc.abstractmethod
     def imagine_step(
         self,
         state: State,
@@ -68,11 +87,14 @@ class WorldModel(nn.Module, abc.ABC):
         action: torch.Tensor,
         temperature: float,
         generator: torch.Generator | None = None,
+        noise: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One dream step from z_t (B, Z) and a_t (B, A).
 
         Returns (state_{t+1}, z_{t+1} sampled at ``temperature`` (B, Z),
         predicted reward r_{t+1} (B,), probability that the episode ended d_{t+1} (B,)).
+        noise: rows of :meth:`sample_noise`, row i for row i of the batch; None draws
+        ``sample_noise(B, generator)``.
         """
 
     @abc.abstractmethod

@@ -7,12 +7,19 @@ An LSTM reads [z_t, a_t] and its new hidden state h_{t+1} feeds three heads:
 - the reward r_{t+1} (regression; only trained when ``model.predict_reward``),
 - a logit of d_{t+1}, the probability that the game ended the episode.
 
-The dream samples z_{t+1} at temperature τ: mixture logits / τ, σ · √τ.
+The dream samples z_{t+1} at temperature τ: mixture logits / τ, σ · √τ.  Its random
+numbers (:meth:`MDNRNN.sample_noise`) are a standard Gumbel per component — the component
+is the argmax of logits / τ + Gumbel — and a standard normal ε per dimension of z.
+
+Training runs ``nn.LSTM`` over whole subsequences.  Stepping (``observe``,
+``imagine_step``) runs the same LSTM cell as two GEMMs on fused copies of its weights,
+since the dream's speed hangs on it (docs/benchmarks.md, "Dream").
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worldmodel.m import State, WorldModel
+from worldmodel.torch_utils import rand
 
 if TYPE_CHECKING:
     from worldmodel.config import Config
@@ -45,25 +53,51 @@ def mdn_log_prob(logits: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor
     return torch.logsumexp(log_pi + log_normal, dim=-1)
 
 
+def mixture_noise(batch_shape: tuple[int, ...], z_dim: int, mixtures: int, generator: torch.Generator | None,
+                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What sampling z once consumes: (Gumbel (..., K, Z), ε (..., Z)), standard Gumbel and normal.
+
+    The uniforms behind the Gumbels are drawn as (..., Z, K), then ε, from ``generator``.
+    """
+    u = rand((*batch_shape, z_dim, mixtures), generator, device)
+    eps = rand((*batch_shape, z_dim), generator, device, normal=True)
+    return (-torch.log(-torch.log(u))).transpose(-1, -2).contiguous(), eps
+
+
 def mdn_sample(logits: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor, temperature: float,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample each 1-D mixture at temperature τ.  logits, mu, log_sigma: (..., K) -> (...).
+               generator: torch.Generator | None = None,
+               noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Sample each 1-D mixture at temperature τ.  logits, mu, log_sigma: (..., Z, K) -> (..., Z).
 
     τ > 0: component k ~ softmax(logits / τ) (Gumbel-max), x ~ N(μ_k, τ σ_k²).
     τ = 0: the mean of the most likely component (no noise at all).
+    noise: as from :func:`mixture_noise`; None draws it from ``generator``.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and noise is None:
+        noise = mixture_noise(logits.shape[:-2], logits.shape[-2], logits.shape[-1], generator, logits.device)
+    tempered = logits / temperature if temperature > 0 else logits
+    return sample_mixture(torch.stack([tempered, mu, log_sigma], dim=-3).transpose(-1, -2), temperature, noise)
+
+
+def sample_mixture(mix: torch.Tensor, temperature: float, noise: tuple[torch.Tensor, torch.Tensor] | None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`mdn_sample` in place.  mix: (..., 3, K, Z) = [logits / τ, μ, log σ], overwritten;
+    noise: (Gumbel (..., K, Z), ε (..., Z)), unused at τ = 0 -> z (..., Z), written into ``out``.
+
+    The component is picked with float arithmetic, a one-hot sign(x - max_k x) + 1 and one
+    multiply-sum, since argmax + gather is far slower on the CPU; an exact tie (rare)
+    averages the tied components.
+    """
+    x = mix.select(-3, 0) if temperature == 0 else mix.select(-3, 0).add_(noise[0])
+    pick = x.sub_(x.amax(-2, keepdim=True)).sign_().add_(1.0)  # (..., K, Z): 1 for the winner, else 0
+    picked = (mix.narrow(-3, 1, 2) * pick.unsqueeze(-3)).sum(-2).div_(pick.sum(-2, keepdim=True))
+    mu, log_sigma = picked.unbind(-2)
     if temperature == 0:
-        k = logits.argmax(dim=-1, keepdim=True)
-        return mu.gather(-1, k).squeeze(-1)
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    gumbel = -torch.log(-torch.log(u))
-    k = (logits / temperature + gumbel).argmax(dim=-1, keepdim=True)
-    mu_k = mu.gather(-1, k).squeeze(-1)
-    sigma_k = log_sigma.gather(-1, k).squeeze(-1).exp()
-    eps = torch.randn(mu_k.shape, generator=generator, device=mu_k.device, dtype=mu_k.dtype)
-    return mu_k + sigma_k * math.sqrt(temperature) * eps
+        return mu if out is None else out.copy_(mu)
+    sigma = log_sigma.clamp_(LOG_SIGMA_MIN, LOG_SIGMA_MAX).exp_().mul_(math.sqrt(temperature))
+    return torch.addcmul(mu, sigma, noise[1], out=out)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,11 +108,22 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------- the module
 
+@dataclass
+class _StepCache:
+    """What stepping keeps between calls: the fused weights and the last row buffer."""
+
+    key: list = field(default_factory=list)  # :meth:`MDNRNN._params_key` the weights were built at
+    w_gates: torch.Tensor | None = None
+    w_head: torch.Tensor | None = None
+    tau: float = 1.0
+    w_head_tau: torch.Tensor | None = None  # w_head with the logit columns divided by tau
+    last: torch.Tensor | None = None  # imagine_step's last row buffer [z', h', 1, ·]
+
+
 class MDNRNN(WorldModel):
     """LSTM over [z_t, a_t] with mixture-density, reward and done heads.
 
-    State: ``(h, c)``, each (B, H), batch first.  Training runs ``nn.LSTM`` over
-    whole subsequences; stepping runs the same LSTM one step at a time.
+    State: ``(h, c)``, each (B, H), batch first.  Noise: (Gumbel (B, K, Z), ε (B, Z)).
     """
 
     def __init__(self, z_dim: int, action_dim: int, hidden: int, mixtures: int, *,
@@ -93,6 +138,7 @@ class MDNRNN(WorldModel):
         self.lstm = nn.LSTM(z_dim + action_dim, hidden, batch_first=True)
         # Per z dimension: K logits, K means, K log σ; then reward and done logit.
         self.head = nn.Linear(hidden, 3 * z_dim * mixtures + 2)
+        self._step_cache = _StepCache()
 
     @classmethod
     def from_config(cls, cfg: Config, z_dim: int, action_dim: int) -> MDNRNN:
@@ -147,22 +193,29 @@ class MDNRNN(WorldModel):
         return self.z_dim + self.hidden * _n_hidden_parts(mode)
 
     def features(self, state: State, z: torch.Tensor, mode: str) -> torch.Tensor:
-        """z: (B, Z), state (h, c) each (B, H) -> "zh": [z, h] (B, Z+H); "zch": [z, c, h] (B, Z+2H)."""
-        h, c = state
-        return torch.cat([z, h] if _n_hidden_parts(mode) == 1 else [z, c, h], dim=-1)
+        """z: (B, Z), state (h, c) each (B, H) -> "zh": [z, h] (B, Z+H); "zch": [z, c, h] (B, Z+2H).
 
-    def _step(self, state: State, z: torch.Tensor, action: torch.Tensor) -> State:
+        "zh" of what :meth:`imagine_step` returned last is a view of its row buffer (no copy).
+        """
         h, c = state
-        x = torch.cat([z, action], dim=-1).unsqueeze(1)
-        _, (h1, c1) = self.lstm(x, (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()))
-        return (h1[0], c1[0])
+        if _n_hidden_parts(mode) == 2:
+            return torch.cat([z, c, h], dim=-1)
+        if self._is_last(state, z):
+            return self._step_cache.last[:, : self.z_dim + self.hidden]
+        return torch.cat([z, h], dim=-1)
 
-    @torch.no_grad()
+    def sample_noise(self, batch_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        """(Gumbel (B, K, Z), ε (B, Z)) on M's device; see :func:`mixture_noise`."""
+        return mixture_noise((batch_size,), self.z_dim, self.mixtures, generator, self.head.weight.device)
+
     def observe(self, state: State, z: torch.Tensor, action: torch.Tensor) -> State:
         """z_t: (B, Z), a_t: (B, A) -> state_{t+1}.  Inference only (no gradients)."""
-        return self._step(state, z, action)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.observe(state, z, action)
+        _, h, c = self._cell(self._row(state, z, action), state[1], self._weights(1.0)[0])
+        return (h, c)
 
-    @torch.no_grad()
     def imagine_step(
         self,
         state: State,
@@ -170,12 +223,101 @@ class MDNRNN(WorldModel):
         action: torch.Tensor,
         temperature: float,
         generator: torch.Generator | None = None,
+        noise: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z_t: (B, Z), a_t: (B, A) -> (state_{t+1}, z_{t+1} (B, Z), r_{t+1} (B,), P(d_{t+1}) (B,))."""
-        state = self._step(state, z, action)
-        p = self.heads(state[0])
-        z_next = mdn_sample(p["logits"], p["mu"], p["log_sigma"], temperature, generator)
-        return state, z_next, p["reward"], torch.sigmoid(p["done_logit"])
+        """z_t: (B, Z), a_t: (B, A) -> (state_{t+1}, z_{t+1} (B, Z), r_{t+1} (B,), P(d_{t+1}) (B,)).
+
+        noise: :meth:`sample_noise` rows; None draws them from ``generator`` (τ = 0 draws
+        nothing).  h' and z' are written into one fresh row buffer [z', h', 1, ·], so that
+        the next step (and :meth:`features`) can use it without copying.
+        """
+        if torch.is_grad_enabled():  # only then: under inference_mode, no_grad slows every op of the step
+            with torch.no_grad():
+                return self.imagine_step(state, z, action, temperature, generator, noise)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        n, zd, k = z.shape[0], self.z_dim, self.mixtures
+        if noise is None and temperature > 0:
+            noise = self.sample_noise(n, generator)
+        w_gates, w_head = self._weights(temperature)
+        nxt, h, c = self._cell(self._row(state, z, action), state[1], w_gates)
+        out = torch.mm(nxt[:, zd: zd + self.hidden + 1], w_head)  # [h', 1] -> (B, 3KZ + 2)
+        z_next = sample_mixture(out[:, : 3 * k * zd].view(n, 3, k, zd), temperature, noise, out=nxt[:, :zd])
+        self._step_cache.last = nxt
+        reward = out[:, -2] if self.predict_reward else torch.zeros_like(out[:, -2])
+        return (h, c), z_next, reward, torch.sigmoid(out[:, -1])
+
+    # ------------------------------------------------------------- the fused step
+
+    def _weights(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's two weight matrices, rebuilt when a parameter changes (or moves).
+
+        W_gates (Z + H + 1 + A, 4H): rows follow the row buffer [z, h, 1, a], so the biases
+        ride on the 1 column; gate columns i, f, o, g, so that one sigmoid covers three.
+        W_head (H + 1, 3KZ + 2): rows [h', 1]; mixture columns laid out (3, K, Z), so the
+        component choice reduces over K with Z contiguous, logit columns divided by τ.
+        """
+        lstm, head, cache = self.lstm, self.head, self._step_cache
+        key = self._params_key()
+        if cache.key != key:
+            z, hid, k = self.z_dim, self.hidden, self.mixtures
+            ifog = torch.cat([torch.arange(2 * hid), torch.arange(3 * hid, 4 * hid), torch.arange(2 * hid, 3 * hid)])
+            kz = torch.arange(3 * z * k).view(3, z, k).transpose(1, 2).reshape(-1)
+            rows = torch.cat([kz, torch.arange(3 * z * k, 3 * z * k + 2)]).to(head.weight.device)
+            ifog = ifog.to(rows.device)
+            w_ih, w_hh = lstm.weight_ih_l0[ifog], lstm.weight_hh_l0[ifog]
+            bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0)[ifog]
+            cache.w_gates = torch.cat([w_ih[:, :z].t(), w_hh.t(), bias[None], w_ih[:, z:].t()]).contiguous()
+            cache.w_head = torch.cat([head.weight[rows].t(), head.bias[rows][None]]).contiguous()
+            cache.key, cache.tau, cache.w_head_tau = key, 1.0, cache.w_head
+        if temperature in (0.0, 1.0):
+            return cache.w_gates, cache.w_head
+        if cache.tau != temperature:
+            cache.w_head_tau = cache.w_head.clone()
+            cache.w_head_tau[:, : self.mixtures * self.z_dim] /= temperature
+            cache.tau = temperature
+        return cache.w_gates, cache.w_head_tau
+
+    def _params_key(self) -> list[tuple[int, int]]:
+        """(data_ptr, version) of every parameter: it changes when one is updated in place or moved.
+
+        Read through ``_parameters``: nn.Module's attribute lookup would cost more than the check.
+        """
+        params = [p for module in (self.lstm, self.head) for p in module._parameters.values()]
+        try:
+            return [(p.data_ptr(), p._version) for p in params]
+        except RuntimeError:  # parameters made under torch.inference_mode() keep no version counter
+            return [(p.data_ptr(), 0 if p.is_inference() else p._version) for p in params]
+
+    def _is_last(self, state: State, z: torch.Tensor) -> bool:
+        """Are z and h the views into :meth:`imagine_step`'s last row buffer?"""
+        buf = self._step_cache.last
+        return (buf is not None and z.shape[0] == buf.shape[0] and z.data_ptr() == buf.data_ptr()
+                and state[0].data_ptr() == buf[:, self.z_dim].data_ptr()
+                and z.stride() == state[0].stride() == buf.stride()
+                and (not buf.is_inference() or torch.is_inference_mode_enabled()))
+
+    def _row(self, state: State, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The row buffer [z, h, 1, a] (B, Z + H + 1 + A); the last step's one when it holds z, h."""
+        if self._is_last(state, z):
+            self._step_cache.last[:, self.z_dim + self.hidden + 1:] = action
+            return self._step_cache.last
+        h = state[0]
+        return torch.cat([z, h, h.new_ones(z.shape[0], 1), action], dim=1)
+
+    def _cell(self, row: torch.Tensor, c: torch.Tensor,
+              w_gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One LSTM step in place.  row (B, Z + H + 1 + A), c (B, H) -> (a fresh row buffer
+        with h' and its 1 written, h' (B, H) a view into it, c' (B, H))."""
+        zd, hid = self.z_dim, self.hidden
+        gates = torch.mm(row, w_gates)  # (B, 4H): i, f, o, g
+        sig = gates[:, : 3 * hid].sigmoid_()
+        g = gates[:, 3 * hid:].tanh_()
+        c = sig[:, hid: 2 * hid].mul_(c).addcmul_(sig[:, :hid], g)  # c' = f c + i g
+        nxt = torch.empty_like(row)
+        nxt[:, zd + hid] = 1.0
+        h = torch.mul(sig[:, 2 * hid:], torch.tanh(c, out=g), out=nxt[:, zd: zd + hid])  # h' = o tanh(c')
+        return nxt, h, c
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Masked losses on real subsequences (see :meth:`WorldModel.loss` for the batch).

@@ -1,4 +1,4 @@
-"""Device choice and thread settings."""
+"""Device choice, thread settings, and random draws across devices."""
 
 from __future__ import annotations
 
@@ -35,3 +35,17 @@ def single_thread() -> None:
     for var in THREAD_ENV_VARS:
         os.environ[var] = "1"
     torch.set_num_threads(1)
+
+
+def rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
+         normal: bool = False) -> torch.Tensor:
+    """U(0, 1) (or N(0, 1)) draws from ``generator`` on its own device, moved to ``device``.
+
+    The dream keeps its generator on the CPU whatever M's device, so a seed draws the same
+    numbers everywhere.  ``generator`` None: torch's default generator of ``device``.
+    """
+    import torch
+
+    where = generator.device if generator is not None else device
+    draw = torch.randn if normal else torch.rand
+    return draw(shape, generator=generator, device=where).to(device)
