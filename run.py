@@ -62,7 +62,12 @@ def _print(summary: dict) -> None:
 def dispatch(args: argparse.Namespace) -> None:
     from worldmodel.runs import open_run
 
-    run = open_run(args.run, args.config, args.overrides)
+    resolved = open_run(args.run, args.config, args.overrides, create=False)
+    with resolved.lock():  # before open_run writes the run's config
+        _run_command(open_run(args.run, args.config, args.overrides), args)
+
+
+def _run_command(run, args: argparse.Namespace) -> None:
     progress = not args.quiet
     print(f"run {run.dir} ({args.command})")
     if args.command == "collect":

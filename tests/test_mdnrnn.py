@@ -136,7 +136,7 @@ def test_stepping_matches_sequence_forward():
     for t in range(5):
         state, z0, reward, done = m.imagine_step(state, batch["z"][:, t], batch["action"][:, t], 0.0)
         assert state[0].shape == (4, H) and z0.shape == (4, Z) and reward.shape == done.shape == (4,)
-        torch.testing.assert_close(done, torch.sigmoid(p["done_logit"][:, t]))
+        torch.testing.assert_close(done, torch.sigmoid(p["done_logit"][:, t] - torch.log(m.done_pos_weight)))
         torch.testing.assert_close(reward, p["reward"][:, t])
         most_likely = p["mu"][:, t].gather(-1, p["logits"][:, t].argmax(-1, keepdim=True)).squeeze(-1)
         torch.testing.assert_close(z0, most_likely)
@@ -152,7 +152,7 @@ def _reference_step(m: MDNRNN, state, z, action, temperature, noise):
     gumbel, eps = noise  # (B, K, Z), (B, Z)
     k = (logits / temperature + gumbel.transpose(1, 2)).argmax(-1, keepdim=True)
     z_next = mu.gather(-1, k)[..., 0] + log_sigma.gather(-1, k)[..., 0].exp() * temperature**0.5 * eps
-    return state, z_next, p["reward"][:, 0], torch.sigmoid(p["done_logit"][:, 0])
+    return state, z_next, p["reward"][:, 0], torch.sigmoid(p["done_logit"][:, 0] - torch.log(m.done_pos_weight))
 
 
 @pytest.mark.parametrize("tau", [1.15, 1.0])
@@ -171,6 +171,24 @@ def test_imagine_step_with_noise_matches_lstm_and_gumbel_max(tau):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m.features(state, z, "zh"), torch.cat([ref_z, ref_state[0]], 1),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_done_probability_undoes_the_positive_class_weight():
+    """Trained with pos_weight w, the done logit converges to logit(p) + log w; the dream must see p."""
+    m = _model()
+    labels = (torch.arange(1000) < 200).float()  # P(death) = 0.2
+    logit = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([logit], lr=1.0)
+    for _ in range(500):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(logit.expand(1000), labels, pos_weight=m.done_pos_weight).backward()
+        opt.step()
+    assert torch.sigmoid(logit).item() > 0.4  # the weighted optimum is far from 0.2 ...
+    with torch.no_grad():
+        m.head.weight[-1].zero_()
+        m.head.bias[-1] = logit[0]
+    _, _, _, done = m.imagine_step(m.initial_state(3), torch.zeros(3, Z), torch.zeros(3, A), 0.0)
+    torch.testing.assert_close(done, torch.full((3,), 0.2), atol=2e-3, rtol=0)  # ... the step's P is not
 
 
 def test_same_noise_gives_same_sample_row_by_row():
@@ -220,7 +238,7 @@ def test_stepping_follows_changed_weights():
         args = (m.initial_state(4), z.to(dtype), a.to(dtype))
         _, _, reward, done = m.imagine_step(*args, 0.0)
         p, _ = m(args[1][:, None], args[2][:, None])
-        torch.testing.assert_close(done, torch.sigmoid(p["done_logit"][:, 0]))
+        torch.testing.assert_close(done, torch.sigmoid(p["done_logit"][:, 0] - torch.log(m.done_pos_weight)))
         torch.testing.assert_close(reward, p["reward"][:, 0])
 
 

@@ -255,7 +255,8 @@ class MDNRNN(WorldModel):
         W_gates (Z + H + 1 + A, 4H): rows follow the row buffer [z, h, 1, a], so the biases
         ride on the 1 column; gate columns i, f, o, g, so that one sigmoid covers three.
         W_head (H + 1, 3KZ + 2): rows [h', 1]; mixture columns laid out (3, K, Z), so the
-        component choice reduces over K with Z contiguous, logit columns divided by τ.
+        component choice reduces over K with Z contiguous, logit columns divided by τ; the
+        done bias less log(done_pos_weight), so that the step returns a calibrated P(done).
         """
         lstm, head, cache = self.lstm, self.head, self._step_cache
         key = self._params_key()
@@ -269,6 +270,8 @@ class MDNRNN(WorldModel):
             bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0)[ifog]
             cache.w_gates = torch.cat([w_ih[:, :z].t(), w_hh.t(), bias[None], w_ih[:, z:].t()]).contiguous()
             cache.w_head = torch.cat([head.weight[rows].t(), head.bias[rows][None]]).contiguous()
+            # A BCE that weighs deaths by w learns logit(p) + log w; the dream needs p itself.
+            cache.w_head[-1, -1] -= torch.log(self.done_pos_weight)
             cache.key, cache.tau, cache.w_head_tau = key, 1.0, cache.w_head
         if temperature in (0.0, 1.0):
             return cache.w_gates, cache.w_head

@@ -17,7 +17,10 @@ Running a command again on the same folder continues it.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,28 @@ class Run:
 
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run for one command: two commands writing one run would corrupt it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise UserError(f"run {self.dir} is in use by {holder}; wait for it or use another --run") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.seek(0)
+                f.truncate()
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def metrics_path(self, stage: str) -> Path:
         (self.dir / "metrics").mkdir(parents=True, exist_ok=True)
