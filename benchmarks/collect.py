@@ -16,7 +16,7 @@ Two figures for ours:
   (episode-file modification times): the throughput once the workers are warm.
 
     python benchmarks/collect.py [--envs takecover carracing] [--rounds 3]
-        [--episodes 32 8] [--max-steps 500 200] [--workers N]
+        [--episodes N] [--max-steps N] [--workers N]
 
 Results: docs/benchmarks.md, "Collect".
 """
@@ -24,6 +24,7 @@ Results: docs/benchmarks.md, "Collect".
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import platform
 import resource
@@ -45,12 +46,34 @@ from worldmodel.runs import open_run
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {"takecover": "configs/takecover-cpu.yaml", "carracing": "configs/carracing-cpu.yaml"}
+SIZES = {"takecover": (32, 500), "carracing": (8, 200)}  # episodes, step cap: ~10 s of the plain loop each
 
 
 def bench_config(env: str, episodes: int, max_steps: int) -> Config:
     cfg = config_lib.load(ROOT / PRESETS[env])
     return config_lib.apply_overrides(cfg, [f"collect.episodes={episodes}", f"collect.max_steps={max_steps}",
                                             f"env.max_steps={max_steps}"])
+
+
+def _spin(n: int) -> float:
+    start, x = time.perf_counter(), 0
+    for i in range(n):
+        x += i
+    return time.perf_counter() - start
+
+
+def parallel_capacity(processes: int, n: int = 3_000_000) -> float:
+    """How many times more CPU-bound work ``processes`` processes get done than one, right now.
+
+    The ceiling for any parallel collect at that moment: on a shared machine other
+    jobs' load can bring it down to 1.
+    """
+    with mp.get_context("spawn").Pool(processes) as pool:
+        pool.map(_spin, [1] * processes)  # started and warm
+        one = pool.apply(_spin, (n,))
+        start = time.perf_counter()
+        pool.map(_spin, [n] * processes, chunksize=1)
+        return processes * one / (time.perf_counter() - start)
 
 
 def cpu_seconds() -> float:
@@ -117,23 +140,24 @@ def _steady(folder: Path, workers: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=["takecover", "carracing"], choices=sorted(PRESETS))
-    parser.add_argument("--episodes", nargs="+", type=int, default=[32, 8], help="per env, in --envs order")
-    parser.add_argument("--max-steps", nargs="+", type=int, default=[500, 200], help="per env, in --envs order")
+    parser.add_argument("--episodes", type=int, help="episodes per env (default: takecover 32, carracing 8)")
+    parser.add_argument("--max-steps", type=int, help="step cap per episode (default: takecover 500, carracing 200)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="ours: worker processes (default: one per core)")
     args = parser.parse_args()
 
     cores = default_workers()
     print(f"machine: {platform.machine()}, {cores} cores usable, python {platform.python_version()}")
-    for i, env in enumerate(args.envs):
-        cfg = bench_config(env, args.episodes[i % len(args.episodes)], args.max_steps[i % len(args.max_steps)])
-        plain, mine = [], []
+    for env in args.envs:
+        cfg = bench_config(env, args.episodes or SIZES[env][0], args.max_steps or SIZES[env][1])
+        plain, mine, capacity = [], [], []
         for r in range(args.rounds):
             with tempfile.TemporaryDirectory() as tmp:
                 plain.append(plain_loop(cfg, Path(tmp)))
                 mine.append(ours(cfg, Path(tmp) / "run", args.workers))
             load = os.getloadavg()[0]
-            print(f"{env} round {r + 1}: plain {plain[-1]['steps_per_s']:.0f} steps/s "
+            capacity.append(parallel_capacity(cores))
+            print(f"{env} round {r + 1}: parallel capacity {capacity[-1]:.2f}x; plain {plain[-1]['steps_per_s']:.0f} steps/s "
                   f"({plain[-1]['steps']} steps, {plain[-1]['wall']:.1f} s; env alone "
                   f"{plain[-1]['env_steps_per_s']:.0f}), ours total {mine[-1]['steps_per_s']:.0f} steps/s "
                   f"({mine[-1]['wall']:.1f} s), steady {mine[-1]['steady_steps_per_s']:.0f} steps/s; "
@@ -144,7 +168,8 @@ def main() -> None:
         s = statistics.median(x["steady_steps_per_s"] for x in mine)
         print(f"{env}: {cfg.collect.episodes} episodes x <= {cfg.collect.max_steps} steps, policy "
               f"{cfg.collect.policy}, workers {args.workers or cfg.collect.workers or cores}: plain {p:.0f} steps/s, "
-              f"ours total {t:.0f} steps/s ({t / p:.2f}x), ours steady {s:.0f} steps/s ({s / p:.2f}x)")
+              f"ours total {t:.0f} steps/s ({t / p:.2f}x), ours steady {s:.0f} steps/s ({s / p:.2f}x); "
+              f"parallel capacity {statistics.median(capacity):.2f}x")
 
 
 if __name__ == "__main__":

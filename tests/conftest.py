@@ -29,6 +29,11 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 SMOKE_RUN_OVERRIDES = ("collect.episodes=2", "collect.max_steps=40", "env.max_steps=40")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Box2D's SWIG bindings (CarRacing) warn on import under Python 3.11+; not ours to fix.
+    config.addinivalue_line("filterwarnings", "ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
+
+
 @pytest.fixture
 def run_cli() -> Callable[..., subprocess.CompletedProcess]:
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -13,9 +13,9 @@ from worldmodel import config as config_lib
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
-    """Every file under ``folder``: (mtime, content hash)."""
+    """Every file under ``folder`` but the run's (empty when free) lock file: (mtime, content hash)."""
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def _assert_user_error(result, *named: str) -> None:

@@ -96,7 +96,8 @@ class CMAESConfig:
     sigma0: float = _f(0.1, low=0.0)
     temperature: float = _f(1.15, low=0.0, doc="tau: mixture logits / tau, sigma * sqrt(tau)")
     max_steps: int = _f(2100, low=1, doc="dream length cap")
-    done: str = _f("threshold", choices=("threshold", "sample"), doc="how M's done head ends a dream")
+    done: str = _f("sample", choices=("threshold", "sample"),
+                   doc="how M's calibrated P(done) ends a dream: Bernoulli sample, or P > done_threshold")
     done_threshold: float = _f(0.5, low=0.0, high=1.0)
     eval_every: int = _f(10, low=0, doc="real-env check of the best every N generations; 0 = never")
     eval_episodes: int = _f(8, low=1)
