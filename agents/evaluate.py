@@ -138,11 +138,15 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
                    for s in video_seeds],
     }
     write_json(run.path("eval.json"), report)
+    return {**scores(report), "seconds": agent_s, "report": str(run.path("eval.json")),
+            **({"videos": ", ".join(report["videos"])} if video_seeds else {})}
+
+
+def scores(report: dict) -> dict[str, str]:
+    """The two lines of an eval.json worth printing: the agent's score and the random policy's."""
     a, r = report["agent"], report["random"]
     return {
-        "agent": f"{a['mean']:.1f} ± {a['std']:.1f} (min {a['min']:.0f}, max {a['max']:.0f}) over {episodes} episodes",
+        "agent": f"{a['mean']:.1f} ± {a['std']:.1f} (min {a['min']:.0f}, max {a['max']:.0f}) "
+                 f"over {a['episodes']} episodes",
         "random policy": f"{r['mean']:.1f} ± {r['std']:.1f} on the same seeds",
-        "seconds": agent_s,
-        "report": str(run.path("eval.json")),
-        **({"videos": ", ".join(report["videos"])} if video_seeds else {}),
     }

@@ -7,12 +7,13 @@ same command again continues where it stopped.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
 
 from agents.collect import collect
-from agents.evaluate import evaluate_params, evaluate_run
+from agents.evaluate import evaluate_params, evaluate_run, scores
 from worldmodel.io import append_jsonl
 from worldmodel.runs import Run
 
@@ -32,10 +33,24 @@ def dream(run: Run, workers: int | None = None, backend: str | None = None, prog
                             progress=progress)
 
 
-def _eval_current(run: Run) -> bool:
-    """eval.json exists and is newer than the controller it scored."""
-    report, controller = run.path("eval.json"), run.controller_path
-    return report.exists() and controller.exists() and report.stat().st_mtime > controller.stat().st_mtime
+def _current_report(run: Run) -> dict | None:
+    """eval.json when it scored the current controller on (at least) the episodes the config asks for.
+
+    None when there is none, when the controller is newer, or when it covers fewer episodes
+    or other seeds than ``eval`` names (e.g. after ``--set eval.episodes=100``).
+    """
+    path, controller = run.path("eval.json"), run.controller_path
+    if not (path.exists() and controller.exists() and path.stat().st_mtime > controller.stat().st_mtime):
+        return None
+    cfg = run.cfg.eval
+    try:
+        report = json.loads(path.read_text())
+        episodes = report["agent"]["episodes"]
+        covers = (report["env"] == run.cfg.env.name and report["seeds"][0] == cfg.seed
+                  and episodes >= cfg.episodes and report["random"]["episodes"] == episodes)
+    except (OSError, ValueError, KeyError, IndexError, TypeError):  # unreadable: evaluate again
+        return None
+    return report if covers else None
 
 
 def pipeline(run: Run, workers: int | None = None, backend: str | None = None, skip_bad: bool = False,
@@ -59,14 +74,10 @@ def pipeline(run: Run, workers: int | None = None, backend: str | None = None, s
         append_jsonl(run.metrics_path("pipeline"), {"stage": name, "seconds": seconds, "time": time.time()})
         print(f"   {name} done in {seconds:.0f} s", flush=True)
     print("== evaluate", flush=True)
-    if _eval_current(run):
-        print(f"   {run.path('eval.json')} is newer than the controller: kept (delete it to re-evaluate)")
-        import json
-
-        report = json.loads(run.path("eval.json").read_text())
-        a, r = report["agent"], report["random"]
-        result = {"agent": f"{a['mean']:.1f} ± {a['std']:.1f} over {a['episodes']} episodes",
-                  "random policy": f"{r['mean']:.1f} ± {r['std']:.1f} on the same seeds"}
+    report = _current_report(run)
+    if report is not None:
+        print(f"   {run.path('eval.json')} already scores this controller: kept (delete it to re-evaluate)")
+        result = scores(report)
     else:
         start = time.perf_counter()
         result = evaluate_run(run, workers=workers, backend=backend, progress=progress)

@@ -6,7 +6,9 @@ real one when ``RAY_ADDRESS`` or ``system.ray_address`` names it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,7 +25,7 @@ def _import_ray():
 
 def run_ray(call: Callable, fn: Callable, tasks: list[dict], workers: int, timeout: float,
             retries: int, address: str | None) -> Iterator[tuple[dict, Any]]:
-    from agents.workers import WorkerError, _handle
+    from agents.workers import WorkerError, _describe, _handle
 
     ray = _import_ray()
     if not ray.is_initialized():
@@ -38,18 +40,34 @@ def run_ray(call: Callable, fn: Callable, tasks: list[dict], workers: int, timeo
     remote = ray.remote(num_cpus=1, max_retries=retries)(call)
     attempts: dict[int, int] = {}
     refs = {remote.remote(fn, task): task for task in tasks}
-    while refs:
-        ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
-        if not ready:
-            raise WorkerError(f"no Ray task finished within {timeout:.0f} s")
-        ref = ready[0]
-        task = refs.pop(ref)
-        try:
-            outcome = ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WorkerError(f"Ray task {task.get('name', task)} failed: {first}") from None
-        if _handle(task, outcome, attempts, retries):
-            refs[remote.remote(fn, task)] = task
-        else:
-            yield task, outcome[1]
+    try:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
+            if not ready:
+                names = ", ".join(_describe(t) for t in list(refs.values())[:3])
+                raise WorkerError(f"no Ray task finished within {timeout:g} s (running: {names})")
+            ref = ready[0]
+            task = refs.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                raise WorkerError(f"Ray task {_describe(task)} failed: {_cause(exc)}") from None
+            if _handle(task, outcome, attempts, retries):
+                refs[remote.remote(fn, task)] = task
+            else:
+                yield task, outcome[1]
+    finally:
+        # On failure, timeout or an abandoned loop, stop what is still queued or running:
+        # a hung task would otherwise hold its CPU on the cluster after the run has stopped.
+        for ref in refs:
+            with contextlib.suppress(Exception):  # never hide the error that stopped the loop
+                ray.cancel(ref, force=True)
+
+
+def _cause(exc: Exception) -> str:
+    """The line of a Ray error that says what went wrong (its last), without terminal colours.
+
+    The first line only names the task (``ray::_call() (pid=..., ip=...)``).
+    """
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

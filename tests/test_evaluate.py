@@ -1,0 +1,268 @@
+"""evaluate: the agent's real score against a hand-written V -> M -> C loop, the report, bad input.
+
+One tiny run with random weights (no training) serves every test: a V whose z moves
+with the frame and a controller whose actions cover all three TakeCover thirds, so
+that the real episodes end at different steps and a wrong action would show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, SMOKE
+from gymnasium.utils.env_checker import check_env
+
+import envs
+from agents.controller import ControllerSpec, save_controller
+from agents.evaluate import evaluate_params, play
+from worldmodel import config as config_lib
+from worldmodel.episodes import episode_path, save_episode
+from worldmodel.m import build_m
+from worldmodel.runs import open_run
+from worldmodel.train_m import save_m
+from worldmodel.vae import ConvVAE, save_vae
+
+SEED = 10_000  # eval.seed
+EPISODES = 3
+MAX_STEPS = 300  # long enough that some episodes end by death, at different steps
+OVERRIDES = [f"env.max_steps={MAX_STEPS}", f"eval.seed={SEED}", f"eval.episodes={EPISODES}", "eval.workers=2",
+             "eval.video_episodes=1", "system.device=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A run with random V, M, C and two fake latent episodes (for the dream); read-only."""
+    torch.set_num_threads(1)
+    run = open_run(tmp_path_factory.mktemp("evaluate") / "run", SMOKE, OVERRIDES)
+    torch.manual_seed(0)
+    vae = ConvVAE(run.cfg.vae.z_dim).eval()
+    with torch.no_grad():  # a fresh V maps every frame to z ~ 0; a louder mu head makes z follow the frame
+        vae.fc_mu.weight.mul_(30.0)
+    save_vae(run.vae_path, vae)
+    m = build_m(run.cfg, run.cfg.vae.z_dim, 1).eval()
+    save_m(run.m_path, m, dataclasses.asdict(run.cfg.model))
+    spec = ControllerSpec.for_env("takecover", m.feature_dim(run.cfg.controller.features))
+    params = 3.0 * np.random.default_rng(0).standard_normal(spec.num_params).astype(np.float32)
+    params[-1] = 0.0
+    save_controller(run.controller_path, params, {"env": "takecover"})
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        t = 5
+        done = np.arange(t) == t - 1
+        save_episode(episode_path(run.latents_dir, i), {
+            "mu": rng.standard_normal((t, run.cfg.vae.z_dim)).astype(np.float32),
+            "logvar": np.full((t, run.cfg.vae.z_dim), -2.0, np.float32),
+            "action": np.zeros((t, 1), np.float32), "reward": np.ones(t, np.float32),
+            "done": done, "terminated": done.copy()})
+    return {"run": run, "vae": vae, "m": m, "params": params, "features": run.cfg.controller.features}
+
+
+# ----------------------------------------------------------------- the same episodes, by hand
+
+def _frame_to_input(frame: np.ndarray) -> torch.Tensor:
+    """uint8 (64, 64, 3) -> float (1, 3, 64, 64) in [0, 1], written out here rather than imported."""
+    return torch.from_numpy(np.array(frame, np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
+
+
+@torch.no_grad()
+def _hand_agent_episode(tiny: dict, seed: int) -> tuple[float, int, list[float]]:
+    """One real episode: z = V's mu, f = M.features, a = tanh(W f + b) from the flat params."""
+    vae, m, params = tiny["vae"], tiny["m"], tiny["params"].astype(np.float64)
+    w, b = params[:-1], params[-1]  # TakeCover: A = 1, so W is one row of F weights, b one bias
+    env = envs.make("takecover", max_steps=MAX_STEPS)
+    frame, _ = env.reset(seed=seed)
+    state, total, steps, actions = m.initial_state(1), 0.0, 0, []
+    while True:
+        mu, _ = vae.encode(_frame_to_input(frame))
+        f = m.features(state, mu, tiny["features"])[0].numpy().astype(np.float64)
+        a = np.tanh(w @ f + b)
+        actions.append(float(a))
+        state = m.observe(state, mu, torch.tensor([[a]], dtype=torch.float32))
+        frame, reward, terminated, truncated, _ = env.step(np.array([a], np.float32))
+        total += reward
+        steps += 1
+        if terminated or truncated:
+            break
+    env.close()
+    return total, steps, actions
+
+
+def _hand_random_episode(seed: int) -> tuple[float, int]:
+    """The random policy: a fresh U(-1, 1) action each step from numpy's generator seeded with the seed."""
+    env = envs.make("takecover", max_steps=MAX_STEPS)
+    env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    total, steps = 0.0, 0
+    while True:
+        _, reward, terminated, truncated, _ = env.step(np.array([rng.uniform(-1.0, 1.0)], np.float32))
+        total += reward
+        steps += 1
+        if terminated or truncated:
+            break
+    env.close()
+    return total, steps
+
+
+@pytest.fixture(scope="module")
+def by_hand(tiny):
+    seeds = list(range(SEED, SEED + EPISODES))
+    agent = [_hand_agent_episode(tiny, s) for s in seeds]
+    return {"seeds": seeds,
+            "agent": [r for r, _, _ in agent], "agent_steps": [n for _, n, _ in agent],
+            "actions": np.concatenate([a for _, _, a in agent]),
+            "random": [_hand_random_episode(s) for s in seeds]}
+
+
+def test_hand_loop_is_not_vacuous(by_hand):
+    thirds = np.histogram(by_hand["actions"], [-1.0, -1 / 3, 1 / 3, 1.0])[0]
+    assert (thirds > 0).all(), thirds  # the controller presses left, stays and presses right
+    assert len(set(by_hand["agent"])) == EPISODES  # episodes differ
+    assert min(by_hand["agent_steps"]) < MAX_STEPS  # some end by death, not by the cap
+
+
+def test_evaluate_params_equals_the_hand_loop(tiny, by_hand):
+    # Two workers: the three seeds go out as tasks of two and one (lockstep batches).
+    returns = evaluate_params(tiny["run"], tiny["params"], EPISODES, SEED, workers=2)
+    assert returns == by_hand["agent"]
+
+
+def _task(run, policy: str, seeds: list[int]) -> dict:
+    return {"run": str(run.dir), "config": config_lib.to_dict(run.cfg), "policy": policy, "params": None,
+            "seeds": seeds}
+
+
+@pytest.mark.parametrize("policy", ["agent", "random"])
+def test_lockstep_batch_equals_one_seed_per_task(tiny, by_hand, policy):
+    run, seeds = tiny["run"], by_hand["seeds"]
+    together = play(_task(run, policy, seeds))
+    alone = [r for s in seeds for r in play(_task(run, policy, [s]))]
+    assert together == alone
+    assert [r["seed"] for r in together] == seeds
+    expected = (list(zip(by_hand["agent"], by_hand["agent_steps"])) if policy == "agent"
+                else by_hand["random"])
+    assert [(r["return"], r["steps"]) for r in together] == expected
+
+
+# ----------------------------------------------------------------- the command and its report
+
+@pytest.fixture(scope="module")
+def evaluated(tiny):
+    result = subprocess.run([sys.executable, "run.py", "evaluate", "--run", str(tiny["run"].dir),
+                             "--episodes", str(EPISODES), "--workers", "2", "--video", "--quiet"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result, json.loads(tiny["run"].path("eval.json").read_text())
+
+
+def test_report_scores_agent_and_random_policy_on_the_same_seeds(evaluated, by_hand):
+    result, report = evaluated
+    assert report["env"] == "takecover" and report["seeds"] == [SEED, SEED + EPISODES - 1]
+    agent, random = report["agent"], report["random"]
+    assert [e["seed"] for e in agent["episodes_detail"]] == by_hand["seeds"]
+    assert [e["seed"] for e in random["episodes_detail"]] == by_hand["seeds"]
+    assert [e["return"] for e in agent["episodes_detail"]] == by_hand["agent"]
+    assert [e["steps"] for e in agent["episodes_detail"]] == by_hand["agent_steps"]
+    assert [(e["return"], e["steps"]) for e in random["episodes_detail"]] == by_hand["random"]
+    for block in (agent, random):
+        returns = np.array([e["return"] for e in block["episodes_detail"]])
+        assert block["episodes"] == EPISODES
+        assert block["mean"] == pytest.approx(returns.mean())
+        assert block["std"] == pytest.approx(returns.std())
+        assert (block["min"], block["max"]) == (returns.min(), returns.max())
+    assert f"{agent['mean']:.1f} ± {agent['std']:.1f}" in result.stdout
+    assert f"{random['mean']:.1f} ± {random['std']:.1f} on the same seeds" in result.stdout
+
+
+def test_video_holds_the_whole_first_episode(evaluated, by_hand):
+    _, report = evaluated
+    assert len(report["videos"]) == 1  # eval.video_episodes = 1
+    path = Path(report["videos"][0])
+    assert path.name == f"agent_seed{SEED}.mp4" and path.stat().st_size > 0
+    with imageio.get_reader(path, format="FFMPEG") as reader:
+        frames = sum(1 for _ in reader.iter_data())
+    assert frames == by_hand["agent_steps"][0] + 1  # the reset frame, then one per step
+
+
+# ----------------------------------------------------------------- bad input
+
+def _cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, *named: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for text in named:
+        assert text in lines[0], lines[0]
+
+
+@pytest.fixture
+def copied(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny["run"].dir, run_dir, ignore=shutil.ignore_patterns("eval.json", "videos"))
+    return run_dir
+
+
+def test_run_without_m_names_m_pt(copied):
+    (copied / "m.pt").unlink()
+    _assert_one_line_error(_cli("evaluate", "--run", copied, "--quiet"), "m.pt", "train-rnn")
+    assert not (copied / "eval.json").exists()
+
+
+def test_controller_of_the_wrong_size_names_file_and_sizes(tiny, copied):
+    size = tiny["params"].size
+    save_controller(copied / "controller.pt", np.zeros(size + 3, np.float32), {"env": "takecover"})
+    _assert_one_line_error(_cli("evaluate", "--run", copied, "--quiet"), "controller.pt", str(size + 3), str(size))
+    assert not (copied / "eval.json").exists()
+
+
+@pytest.mark.parametrize("args, named", [(["--episodes", "0"], "--episodes"), (["--backend", "foo"], "--backend")],
+                         ids=["zero-episodes", "unknown-backend"])
+def test_bad_arguments_are_refused(copied, args, named):
+    result = _cli("evaluate", "--run", copied, "--quiet", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert named in result.stderr.strip().splitlines()[-1]
+    assert not (copied / "eval.json").exists()
+
+
+def test_ray_backend_without_ray_is_a_one_line_error(copied, tmp_path):
+    # A `ray` package first on the path that fails to import, as when Ray is not installed.
+    fake = tmp_path / "no_ray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ray (test stub)')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))}
+    _assert_one_line_error(_cli("evaluate", "--run", copied, "--backend", "ray", "--quiet", env=env),
+                           "--backend ray", "not installed")
+    assert not (copied / "eval.json").exists()
+
+
+# ----------------------------------------------------------------- the dream by name
+
+def test_make_dream_from_a_run_folder_passes_check_env(tiny):
+    env = envs.make("dream", run=str(tiny["run"].dir))
+    check_env(env)
+    assert env.observation_space.shape == (tiny["m"].feature_dim(tiny["features"]),)
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
