@@ -1,7 +1,8 @@
 """The full agent in a real environment: V encodes the frame, C acts, M updates its state.
 
 :class:`Agent` steps a batch of environments at once, so V and M run batched
-over them.  At step t: ``z_t = V(frame_t)`` (the posterior mean), ``a_t =
+over them.  At step t: ``z_t = V(frame_t)`` (the posterior mean, or a sample from the
+posterior with ``controller.real_z: sample``), ``a_t =
 C(M.features(state_t, z_t))``, then ``state_{t+1} = M.observe(state_t, z_t, a_t)``.
 """
 
@@ -24,13 +25,15 @@ class Agent:
     """V + M + C over a batch of environments (all on the CPU or all on one device)."""
 
     def __init__(self, vae: ConvVAE, m: WorldModel, spec: ControllerSpec, params: np.ndarray,
-                 features: str, device: torch.device | str = "cpu"):
+                 features: str, device: torch.device | str = "cpu", real_z: str = "mean"):
         if params.size != spec.num_params:
             raise UserError(f"controller has {params.size} parameters, this config expects {spec.num_params}")
         self.vae, self.m, self.spec, self.features = vae, m, spec, features
         self.device = torch.device(device)
         self.params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(1, -1)
+        self.real_z = real_z
         self.state: State = ()
+        self.generators: list[torch.Generator] = []
 
     @classmethod
     def from_run(cls, run_dir: str | Path, cfg: Config, params: np.ndarray | None = None,
@@ -48,21 +51,31 @@ class Agent:
             if not path.exists():
                 raise UserError(f"{path}: not found; run `python run.py dream` first")
             params, _ = load_controller(path, expected_params=spec.num_params)
-        return cls(vae, m, spec, np.asarray(params, np.float32), cfg.controller.features, device)
+        return cls(vae, m, spec, np.asarray(params, np.float32), cfg.controller.features, device,
+                   cfg.controller.real_z)
 
-    def reset(self, batch_size: int) -> None:
+    def reset(self, batch_size: int, seeds: list[int] | None = None) -> None:
+        """Start ``batch_size`` episodes; ``seeds`` fix the z samples of each (``real_z: sample``)."""
         self.state = self.m.initial_state(batch_size)
+        seeds = seeds if seeds is not None else list(range(batch_size))
+        # One generator per environment, so an episode's draws do not depend on its batch-mates.
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def keep(self, rows: np.ndarray | list[int]) -> None:
         """Drop finished environments: keep only state rows ``rows`` (indices)."""
         index = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.device)
         self.state = tuple(s[index] for s in self.state)
+        self.generators = [self.generators[i] for i in np.asarray(rows).tolist()]
 
     @torch.no_grad()
     def act(self, frames: np.ndarray) -> np.ndarray:
         """frames uint8 (B, 64, 64, 3) -> actions float32 (B, A); advances M's state."""
-        mu, _ = self.vae.encode(preprocess(frames, self.device))
-        features = self.m.features(self.state, mu, self.features)
+        mu, logvar = self.vae.encode(preprocess(frames, self.device))
+        z = mu
+        if self.real_z == "sample":
+            eps = torch.stack([torch.randn(mu.shape[1], generator=g) for g in self.generators]).to(mu.device)
+            z = mu + (0.5 * logvar).exp() * eps
+        features = self.m.features(self.state, z, self.features)
         actions = act_batched(self.spec, self.params.expand(len(frames), -1), features)
-        self.state = self.m.observe(self.state, mu, actions)
+        self.state = self.m.observe(self.state, z, actions)
         return actions.cpu().numpy()

@@ -40,7 +40,7 @@ def play(task: dict) -> list[dict]:
     videos = {i: [env.render()] for i, (env, s) in enumerate(zip(games, seeds)) if _video_path(task, s)}
     if task["policy"] == "agent":
         agent = Agent.from_run(task["run"], cfg, task.get("params"))
-        agent.reset(len(seeds))
+        agent.reset(len(seeds), seeds)
     else:
         randoms = [RandomPolicy(games[0].action_space) for _ in seeds]
         for policy, s in zip(randoms, seeds):

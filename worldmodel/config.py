@@ -86,6 +86,8 @@ class ModelConfig:
 @dataclass
 class ControllerConfig:
     features: str = _f("zh", choices=("zh", "zch"), doc="what C sees: [z, h] or [z, c, h]")
+    real_z: str = _f("mean", choices=("mean", "sample"),
+                     doc="in the real env, z is V's posterior mean or a sample from it (as M was trained)")
 
 
 @dataclass
@@ -96,9 +98,10 @@ class CMAESConfig:
     sigma0: float = _f(0.1, low=0.0)
     temperature: float = _f(1.15, low=0.0, doc="tau: mixture logits / tau, sigma * sqrt(tau)")
     max_steps: int = _f(2100, low=1, doc="dream length cap")
-    done: str = _f("sample", choices=("threshold", "sample"),
-                   doc="how M's calibrated P(done) ends a dream: Bernoulli sample, or P > done_threshold")
-    done_threshold: float = _f(0.5, low=0.0, high=1.0)
+    done: str = _f("threshold", choices=("threshold", "sample"),
+                   doc="how M's calibrated P(done) ends a dream: P > done_threshold, or a Bernoulli sample")
+    done_threshold: float = _f(0.1, low=0.0, high=1.0,
+                               doc="a harsh dream (low threshold) transfers better; docs/results.md")
     eval_every: int = _f(10, low=0, doc="real-env check of the best every N generations; 0 = never")
     eval_episodes: int = _f(8, low=1)
     seed: int = _f(0, low=0)
