@@ -29,6 +29,17 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 SMOKE_RUN_OVERRIDES = ("collect.episodes=2", "collect.max_steps=40", "env.max_steps=40")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests use tiny tensors on a shared 2-core machine: one thread is fastest and steadiest."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Box2D's SWIG bindings (CarRacing) warn on import under Python 3.11+; not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore:builtin type .* has no __module__ attribute:DeprecationWarning")

@@ -39,14 +39,6 @@ OVERRIDES = [f"env.max_steps={MAX_STEPS}", f"eval.seed={SEED}", f"eval.episodes=
              "eval.video_episodes=1", "system.device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A run with random V, M, C and two fake latent episodes (for the dream); read-only."""

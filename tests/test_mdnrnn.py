@@ -12,15 +12,6 @@ from worldmodel.mdnrnn import MDNRNN, mdn_log_prob, mdn_sample
 Z, A, H, K = 5, 3, 16, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(predict_reward: bool = True, **kw) -> MDNRNN:
     torch.manual_seed(0)
     return MDNRNN(Z, A, H, K, predict_reward=predict_reward, done_pos_weight=4.0, **kw)

@@ -20,15 +20,6 @@ Z, A = 8, 3
 LENGTHS = (40, 25, 60, 33, 50, 18)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _write_latents(folder: Path, lengths=LENGTHS, z_dim: int = Z, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)

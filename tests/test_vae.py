@@ -22,15 +22,6 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 Z = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two threads on a busy 2-core machine are many times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def patterns() -> np.ndarray:
     """Four simple frames: (4, 64, 64, 3) uint8."""
     p = np.zeros((4, 64, 64, 3), np.uint8)

@@ -28,14 +28,6 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 T = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_run(root: Path, done_bias: float = -10.0, controller: bool = True):
     """A tiny run without training: random frames, random V, M and C (done_bias sets P(done))."""
     run = open_run(root / "run", SMOKE, overrides=["system.device=cpu"])
