@@ -66,6 +66,44 @@ class BrownianPolicy(RandomPolicy):
         return self.action
 
 
+class RoadFollowingPolicy(RandomPolicy):
+    """CarRacing: steer toward the road ahead, with noisy steering, gas and brake.
+
+    Steering aims at the mean column of grey road pixels a little ahead of the car,
+    plus an Ornstein-Uhlenbeck noise whose scale is drawn per episode (from careful
+    driving to swerving onto the grass and back). Gas follows its own OU process and
+    the brake fires in random pulses, both blind to the frame, so neither gives away
+    the reward to M.
+    """
+
+    LOOK_AHEAD = slice(34, 46)  # rows of the 64x64 frame ahead of the car (at row ~52)
+    CAR_COLUMN = 32.0
+
+    def __init__(self, action_space: spaces.Box, noise_max: float = 0.6):
+        super().__init__(action_space)
+        self.noise_max = noise_max
+
+    def reset(self, rng: np.random.Generator) -> None:
+        super().reset(rng)
+        self.noise_scale = rng.uniform(0.05, self.noise_max)
+        self.steer_noise, self.gas, self.brake_left = 0.0, 0.3, 0
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        o = obs[self.LOOK_AHEAD].astype(np.int16)
+        grey = (abs(o[..., 0] - o[..., 1]) < 12) & (abs(o[..., 1] - o[..., 2]) < 12)
+        road = grey & (o[..., 0] > 80) & (o[..., 0] < 140)
+        columns = np.nonzero(road)[1]
+        target = columns.mean() if columns.size else self.CAR_COLUMN
+        self.steer_noise += -0.15 * self.steer_noise + 0.3 * self.noise_scale * self.rng.standard_normal()
+        steer = np.clip((target - self.CAR_COLUMN) / 8.0 + self.steer_noise, -1.0, 1.0)
+        self.gas = float(np.clip(self.gas + 0.1 * (0.3 - self.gas) + 0.08 * self.rng.standard_normal(), 0, 1))
+        if self.brake_left == 0 and self.rng.random() < 0.01:
+            self.brake_left = int(self.rng.integers(3, 15))
+        brake = 0.6 if self.brake_left else 0.0
+        self.brake_left = max(0, self.brake_left - 1)
+        return np.array([steer, self.gas, brake], np.float32)
+
+
 def make_policy(cfg: CollectConfig, action_space: spaces.Box) -> RandomPolicy:
     if cfg.policy == "random":
         return RandomPolicy(action_space)
@@ -73,4 +111,8 @@ def make_policy(cfg: CollectConfig, action_space: spaces.Box) -> RandomPolicy:
         return HeldRandomPolicy(action_space, cfg.hold_min, cfg.hold_max)
     if cfg.policy == "brownian":
         return BrownianPolicy(action_space, cfg.brownian_dt)
+    if cfg.policy == "road":
+        if action_space.shape != (3,):
+            raise UserError("config collect.policy: 'road' is for CarRacing (steer, gas, brake)")
+        return RoadFollowingPolicy(action_space)
     raise UserError(f"config collect.policy: unknown policy {cfg.policy!r}")

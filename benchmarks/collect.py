@@ -3,7 +3,7 @@
 For each env, in this process: a plain loop (``envs.make``, the same policy and
 seeds, ``np.savez_compressed`` of every episode, as a hand-written data script
 would do) and our :func:`agents.collect.collect` with its default settings (one
-worker per core, held_random for TakeCover, brownian for CarRacing).  Rounds
+worker per core, held_random for TakeCover, road for CarRacing).  Rounds
 alternate between the two so that load from other processes hits both alike.
 
 Two figures for ours:

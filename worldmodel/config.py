@@ -40,7 +40,7 @@ class EnvConfig:
 class CollectConfig:
     episodes: int = _f(100, low=1, doc="episodes to collect")
     max_steps: int = _f(2100, low=1, doc="cap on steps per collected episode")
-    policy: str = _f("held_random", choices=("held_random", "random", "brownian"),
+    policy: str = _f("held_random", choices=("held_random", "random", "brownian", "road"),
                      doc="exploration policy (agents/policies.py)")
     hold_min: int = _f(1, low=1, doc="held_random: shortest hold of an action")
     hold_max: int = _f(10, low=1, doc="held_random: longest hold of an action")
