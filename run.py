@@ -9,6 +9,7 @@
     python run.py pipeline   --config configs/takecover-cpu.yaml   (all of the above)
     python run.py watch      --run runs/takecover-cpu
     python run.py plot       --run runs/takecover-cpu
+    python run.py export     --run runs/takecover-cpu --out pretrained/takecover
 
 Every command takes ``--config FILE``, ``--run DIR`` (default ``runs/<config name>``)
 and ``--set section.key=value``.  Rerunning a command on the same run continues it.
@@ -21,7 +22,7 @@ import argparse
 import sys
 
 COMMANDS = ("collect", "train-vae", "train-rnn", "train-m", "dream", "evaluate", "pipeline",
-            "watch", "plot")
+            "watch", "plot", "export")
 
 
 def _positive(text: str) -> int:
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video", action="store_true", help="evaluate: record a few episodes")
     parser.add_argument("--temperature", type=float, help="watch: dream temperature tau")
     parser.add_argument("--steps", type=_positive, help="watch: steps per video")
-    parser.add_argument("--out", help="watch: output path")
+    parser.add_argument("--out", help="watch: output folder; export: the new agent folder")
     parser.add_argument("--play", action="store_true", help="watch: play the dream with the keyboard")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -68,6 +69,8 @@ def dispatch(args: argparse.Namespace) -> None:
 
 
 def _run_command(run, args: argparse.Namespace) -> None:
+    from worldmodel.errors import UserError
+
     progress = not args.quiet
     print(f"run {run.dir} ({args.command})")
     if args.command == "collect":
@@ -99,6 +102,12 @@ def _run_command(run, args: argparse.Namespace) -> None:
         from agents.watch import watch
 
         _print(watch(run, args))
+    elif args.command == "export":
+        from worldmodel.export import export_run
+
+        if not args.out:
+            raise UserError("export needs --out FOLDER (e.g. pretrained/takecover)")
+        _print(export_run(run, args.out))
     elif args.command == "plot":
         from worldmodel.plots import plot_run
 

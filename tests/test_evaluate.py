@@ -258,3 +258,19 @@ def test_make_dream_from_a_run_folder_passes_check_env(tiny):
     env.reset(seed=0)
     frame = env.render()
     assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+
+
+def test_export_makes_a_small_evaluable_agent(tiny, tmp_path):
+    out = tmp_path / "pretrained"
+    result = _cli("export", "--run", tiny["run"].dir, "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "vae.pt", "m.pt", "controller.pt", "latents"}
+    vae = torch.load(out / "vae.pt", weights_only=True)["state_dict"]
+    assert all(t.dtype == torch.float16 for t in vae.values())
+    for key, value in tiny["vae"].state_dict().items():
+        torch.testing.assert_close(vae[key].float(), value, rtol=1e-3, atol=1e-3)
+    exported = open_run(out, None, [], create=False)
+    returns = evaluate_params(exported, tiny["params"], episodes=2, seed=SEED, workers=1)
+    assert len(returns) == 2 and min(returns) > 0
+    again = _cli("export", "--run", tiny["run"].dir, "--out", out, "--quiet")
+    _assert_one_line_error(again, "not empty")

@@ -1,0 +1,55 @@
+"""`python run.py export`: a trained agent as a small, self-contained run folder.
+
+The folder holds what `evaluate` and `watch` need and nothing that can run code:
+the resolved config, V and M weights in float16, the controller, and a few
+episodes with their latents (dream starts and the side-by-side video).  No
+optimizer state, no CMA-ES pickle.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from worldmodel.episodes import episode_index, list_episodes
+from worldmodel.errors import UserError
+from worldmodel.io import load_checkpoint, save_checkpoint
+from worldmodel.runs import Run
+
+
+def _half(obj):
+    """Float tensors to float16, everything else as it is (recursively)."""
+    if isinstance(obj, torch.Tensor) and obj.is_floating_point():
+        return obj.to(torch.float16)
+    if isinstance(obj, dict):
+        return {k: _half(v) for k, v in obj.items()}
+    return obj
+
+
+def export_run(run: Run, out: str | Path, episodes: int = 2) -> dict:
+    """Copy the trained agent of ``run`` into ``out`` (which must not hold another agent)."""
+    out = Path(out)
+    needed = [run.vae_path, run.m_path, run.controller_path]
+    for path in needed:
+        if not path.exists():
+            raise UserError(f"{path}: not found; train the run before exporting it")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out}: folder is not empty; export into a new folder")
+    latents = sorted(list_episodes(run.latents_dir), key=lambda p: p.stat().st_size)[:episodes]
+    if not latents:
+        raise UserError(f"{run.latents_dir}: no latents; run `python run.py train-vae` first")
+    (out / "episodes").mkdir(parents=True)
+    (out / "latents").mkdir()
+    shutil.copyfile(run.path("config.yaml"), out / "config.yaml")
+    for path in (run.vae_path, run.m_path):
+        save_checkpoint(out / path.name, _half(load_checkpoint(path)))
+    shutil.copyfile(run.controller_path, out / run.controller_path.name)
+    for path in latents:
+        shutil.copyfile(path, out / "latents" / path.name)
+        episode = run.episodes_dir / path.name
+        if episode.exists():
+            shutil.copyfile(episode, out / "episodes" / path.name)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"out": str(out), "episodes": [episode_index(p) for p in latents], "megabytes": size / 2**20}
