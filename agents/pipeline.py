@@ -17,17 +17,17 @@ from agents.evaluate import evaluate_params, evaluate_run, scores
 from worldmodel.io import append_jsonl
 from worldmodel.runs import Run
 
-#: Real-env checks during `dream` use their own seeds: apart from collection (hashed seeds)
-#: and from the final evaluation (eval.seed ...), so the reported score is on unseen episodes.
-SELECTION_SEED = 1_000_000
-
 
 def dream(run: Run, workers: int | None = None, backend: str | None = None, progress: bool = True) -> dict:
-    """Evolve the controller in M's dream; check the best in the real game every few generations."""
+    """Evolve the controller in M's dream; check the best in the real game every few generations.
+
+    The real checks play the seeds train_controller passes (1,000,000 + cmaes.seed ...): apart
+    from collection (hashed seeds) and from the final evaluation (eval.seed ...).
+    """
     from agents.cmaes import train_controller
 
-    def real_check(params: np.ndarray, episodes: int, seed: int = SELECTION_SEED) -> list[float]:
-        return evaluate_params(run, params, episodes, SELECTION_SEED, workers, backend)
+    def real_check(params: np.ndarray, episodes: int, seed: int) -> list[float]:
+        return evaluate_params(run, params, episodes, seed, workers, backend)
 
     return train_controller(run, evaluate_fn=real_check if run.cfg.cmaes.eval_every else None,
                             progress=progress)

@@ -209,8 +209,7 @@ def _set_field(cfg: Config, dotted: str, value: Any) -> None:
 
 def from_dict(data: dict, base: Config | None = None, source: str = "config") -> Config:
     """Build a Config from nested ``{section: {key: value}}``, starting at ``base``."""
-    cfg = dataclasses.replace(base) if base is not None else Config()
-    cfg = from_flat(to_flat(cfg))  # deep copy
+    cfg = from_flat(to_flat(base)) if base is not None else Config()  # a deep copy of base
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
     for section, values in data.items():

@@ -90,6 +90,15 @@ def _check_dir(path: Path) -> None:
         raise UserError(f"--run {path}: exists and is not a folder")
 
 
+def _stored_config(run_path: Path) -> Config | None:
+    """The config a run folder was made with, or None for a new run."""
+    _check_dir(run_path)
+    path = run_path / "config.yaml"
+    if not path.exists():
+        return None
+    return config_lib.from_dict(config_lib.load_yaml(path), source=str(path))
+
+
 def open_run(run_dir: str | os.PathLike | None, config_path: str | os.PathLike | None,
              overrides: list[str] | None = None, create: bool = True) -> Run:
     """Resolve the config of a run and make sure its folder exists.
@@ -104,11 +113,7 @@ def open_run(run_dir: str | os.PathLike | None, config_path: str | os.PathLike |
     stored_cfg = None
     if run_dir is not None:
         run_path = Path(run_dir)
-        _check_dir(run_path)
-        if (run_path / "config.yaml").exists():
-            stored_cfg = config_lib.from_dict(
-                config_lib.load_yaml(run_path / "config.yaml"), source=str(run_path / "config.yaml")
-            )
+        stored_cfg = _stored_config(run_path)
     if config_path is None and stored_cfg is None:
         where = f"run folder {run_dir} has no config.yaml" if run_dir else "no --run given"
         raise UserError(f"--config is required ({where})")
@@ -117,11 +122,7 @@ def open_run(run_dir: str | os.PathLike | None, config_path: str | os.PathLike |
         cfg = config_lib.load(config_path)
         if run_dir is None:
             run_path = Path("runs") / cfg.name
-            _check_dir(run_path)
-            if (run_path / "config.yaml").exists():
-                stored_cfg = config_lib.from_dict(
-                    config_lib.load_yaml(run_path / "config.yaml"), source=str(run_path / "config.yaml")
-                )
+            stored_cfg = _stored_config(run_path)
         if stored_cfg is not None:
             cfg = config_lib.from_dict({"name": stored_cfg.name}, base=cfg)
             # Fields given with --set may differ: rerunning the command that made the run resumes it.
