@@ -5,6 +5,7 @@
     python run.py train-vae  --run runs/takecover-cpu
     python run.py train-rnn  --run runs/takecover-cpu      (alias: train-m)
     python run.py dream      --run runs/takecover-cpu
+    python run.py iterate    --run runs/takecover-cpu      (collect with C, retrain M, dream on)
     python run.py evaluate   --run runs/takecover-cpu --episodes 100
     python run.py pipeline   --config configs/takecover-cpu.yaml   (all of the above)
     python run.py watch      --run runs/takecover-cpu
@@ -21,8 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-COMMANDS = ("collect", "train-vae", "train-rnn", "train-m", "dream", "evaluate", "pipeline",
-            "watch", "plot", "export")
+COMMANDS = ("collect", "train-vae", "train-rnn", "train-m", "dream", "iterate", "evaluate",
+            "pipeline", "watch", "plot", "export")
 
 
 def _positive(text: str) -> int:
@@ -89,6 +90,11 @@ def _run_command(run, args: argparse.Namespace) -> None:
         from agents.pipeline import dream
 
         _print(dream(run, workers=args.workers, backend=args.backend, progress=progress))
+    elif args.command == "iterate":
+        from agents.iterate import iterate
+
+        _print(iterate(run, workers=args.workers, backend=args.backend, skip_bad=args.skip_bad,
+                       progress=progress))
     elif args.command == "evaluate":
         from agents.evaluate import evaluate_run
 

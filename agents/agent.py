@@ -79,3 +79,24 @@ class Agent:
         actions = act_batched(self.spec, self.params.expand(len(frames), -1), features)
         self.state = self.m.observe(self.state, z, actions)
         return actions.cpu().numpy()
+
+
+class NoisyAgentPolicy:
+    """One real environment played by an :class:`Agent` whose actions get Gaussian noise.
+
+    The collection policy of ``iterate``: the paper's "current controller plus exploration
+    noise".  Same ``reset(rng)`` / ``act(obs)`` protocol as agents/policies.py.
+    """
+
+    def __init__(self, agent: Agent, noise: float, action_space):
+        self.agent, self.noise = agent, noise
+        self.low, self.high = action_space.low, action_space.high
+
+    def reset(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.agent.reset(1, [int(rng.integers(2**31))])
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action = self.agent.act(obs[None])[0]
+        action = action + self.noise * self.rng.standard_normal(action.shape)
+        return np.clip(action, self.low, self.high).astype(np.float32)

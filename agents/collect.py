@@ -19,6 +19,7 @@ from tqdm import tqdm
 import envs
 from agents.policies import make_policy
 from agents.workers import run_tasks
+from worldmodel import config as config_lib
 from worldmodel.config import CollectConfig, EnvConfig
 from worldmodel.episodes import (
     episode_index,
@@ -78,7 +79,14 @@ def collect_episode(task: dict) -> dict:
     env_cfg = EnvConfig(**task["env"])
     collect_cfg = CollectConfig(**task["collect"])
     env = _worker_env(env_cfg.name, env_cfg.frame_skip, env_cfg.max_steps)
-    policy = make_policy(collect_cfg, env.action_space)
+    if "agent" in task:
+        from agents.agent import Agent, NoisyAgentPolicy
+
+        spec = task["agent"]
+        agent = Agent.from_run(spec["run"], config_lib.from_dict(spec["config"]), spec["params"])
+        policy = NoisyAgentPolicy(agent, spec["noise"], env.action_space)
+    else:
+        policy = make_policy(collect_cfg, env.action_space)
     start = time.perf_counter()
     episode = run_episode(env, policy, task["seed"], collect_cfg.max_steps)
     save_episode(task["path"], episode)
@@ -114,6 +122,23 @@ def sync_manifest(folder: Path) -> dict:
 def collect(run: Run, workers: int | None = None, backend: str | None = None,
             progress: bool = True) -> dict:
     """Collect ``collect.episodes`` episodes into ``run.episodes_dir``; resume if some exist."""
+    return _collect(run, range(run.cfg.collect.episodes), {}, workers, backend, progress,
+                    f"collect {run.cfg.env.name}")
+
+
+def collect_agent(run: Run, indices: range, params: np.ndarray, noise: float, workers: int | None = None,
+                  backend: str | None = None, progress: bool = True) -> dict:
+    """Episodes ``indices`` played by the run's agent (V, M, controller ``params``) plus action noise.
+
+    Used by ``iterate``; the episodes join the run's others and resume like them.
+    """
+    agent = {"run": str(run.dir), "config": config_lib.to_dict(run.cfg),
+             "params": np.asarray(params, np.float32), "noise": float(noise)}
+    return _collect(run, indices, {"agent": agent}, workers, backend, progress, "collect (agent)")
+
+
+def _collect(run: Run, indices: range, extra: dict, workers: int | None, backend: str | None,
+             progress: bool, desc: str) -> dict:
     cfg = run.cfg
     if workers is not None and workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
@@ -125,23 +150,26 @@ def collect(run: Run, workers: int | None = None, backend: str | None = None,
         stale.unlink(missing_ok=True)
     manifest = sync_manifest(folder)
     done_names = set(manifest["episodes"])
-    todo = [i for i in range(cfg.collect.episodes) if episode_path(folder, i).name not in done_names]
+    todo = [i for i in indices if episode_path(folder, i).name not in done_names]
     tasks = [
         {"name": f"episode {i}", "index": i, "seed": episode_seed(cfg.collect.seed, i),
-         "path": str(episode_path(folder, i)), "env": vars(cfg.env), "collect": vars(cfg.collect)}
+         "path": str(episode_path(folder, i)), "env": vars(cfg.env), "collect": vars(cfg.collect), **extra}
         for i in todo
     ]
-    bar = tqdm(total=cfg.collect.episodes, initial=cfg.collect.episodes - len(todo), unit="ep",
-               desc=f"collect {cfg.env.name}", disable=not progress)
+    bar = tqdm(total=len(indices), initial=len(indices) - len(todo), unit="ep", desc=desc,
+               disable=not progress)
     steps, start, last_write = 0, time.perf_counter(), time.perf_counter()
+    new_returns = []
     try:
         for task, result in run_tasks(collect_episode, tasks, workers or cfg.collect.workers,
                                       backend or cfg.system.backend, cfg.system.task_timeout,
                                       ray_address=cfg.system.ray_address):
             manifest["episodes"][Path(task["path"]).name] = result
             steps += result["steps"]
+            new_returns.append(result["return"])
             bar.update(1)
-            bar.set_postfix(steps_per_s=f"{steps / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(steps_per_s=f"{steps / (time.perf_counter() - start):.0f}",
+                            mean_return=f"{np.mean(new_returns):.1f}")
             if time.perf_counter() - last_write > MANIFEST_EVERY_S:
                 write_manifest(folder, manifest)
                 last_write = time.perf_counter()
@@ -150,18 +178,18 @@ def collect(run: Run, workers: int | None = None, backend: str | None = None,
         if manifest != read_manifest(folder):  # a rerun with nothing to do changes no file
             write_manifest(folder, manifest)
     elapsed = time.perf_counter() - start
-    entries = manifest["episodes"].values()
-    returns = [e["return"] for e in entries]
-    summary = {
-        "episodes": len(manifest["episodes"]),
+    entries = manifest["episodes"]
+    returns = [entries[p.name]["return"] for i in indices
+               if (p := episode_path(folder, i)).name in entries]
+    return {
+        "episodes": len(entries),
         "new_episodes": len(tasks),
-        "steps": int(sum(e["steps"] for e in entries)),
+        "steps": int(sum(e["steps"] for e in entries.values())),
         "new_steps": steps,
         "steps_per_s": steps / elapsed if tasks else 0.0,
         "mean_return": float(np.mean(returns)) if returns else 0.0,
         "folder": str(folder),
     }
-    return summary
 
 
 def episode_files(run: Run) -> list[Path]:

@@ -1,7 +1,7 @@
 """`python run.py dream` (CMA-ES in the dream, with real-env checks) and `pipeline`.
 
-``pipeline`` runs collect -> train-vae -> train-rnn -> dream -> evaluate on one
-run folder; each stage resumes or skips what is already done, so running the
+``pipeline`` runs collect -> train-vae -> train-rnn -> dream -> iterate (when
+``iterate.iterations`` > 0) -> evaluate on one run folder; each stage resumes or skips what is already done, so running the
 same command again continues where it stopped.
 """
 
@@ -56,6 +56,7 @@ def _current_report(run: Run) -> dict | None:
 def pipeline(run: Run, workers: int | None = None, backend: str | None = None, skip_bad: bool = False,
              progress: bool = True) -> dict:
     """All stages on one run folder; prints each stage's summary and the final scores."""
+    from agents.iterate import iterate
     from worldmodel.train_m import train_m
     from worldmodel.train_vae import train_vae
 
@@ -65,6 +66,9 @@ def pipeline(run: Run, workers: int | None = None, backend: str | None = None, s
         ("train-rnn", lambda: train_m(run, skip_bad=skip_bad)),
         ("dream", lambda: dream(run, workers=workers, backend=backend, progress=progress)),
     ]
+    if run.cfg.iterate.iterations:
+        stages.append(("iterate", lambda: iterate(run, workers=workers, backend=backend, skip_bad=skip_bad,
+                                                  progress=progress)))
     summaries = {}
     for name, stage in stages:
         print(f"== {name}", flush=True)

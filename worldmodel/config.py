@@ -79,6 +79,11 @@ class ModelConfig:
     predict_reward: bool = _f(True, doc="train a reward head (off for TakeCover: +1 alive)")
     overshoot: int = _f(8, low=1, doc="belief: overshoot length K")
     overshoot_weight: float = _f(1.0, low=0.0, doc="belief: weight of steps beyond the first")
+    sim_hidden: Optional[int] = _f(None, low=1, doc="belief: simulation core (GRU) size; null = hidden // 2")
+    tdvae_state: int = _f(8, low=1, doc="tdvae: size of each layer of the state s")
+    tdvae_layers: int = _f(1, choices=(1, 2), doc="tdvae: layers of s (2: the paper's hierarchy)")
+    tdvae_max_jump: int = _f(4, low=1, doc="tdvae: D, the longest jump t2 - t1 trained")
+    tdvae_pairs: int = _f(16, low=1, doc="tdvae: (t1, t2) pairs sampled per sequence per batch")
     val_fraction: float = _f(0.05, low=0.0, high=0.5)
     seed: int = _f(0, low=0)
 
@@ -108,6 +113,16 @@ class CMAESConfig:
 
 
 @dataclass
+class IterateConfig:
+    iterations: int = _f(0, low=0, doc="rounds of collect -> retrain M -> more CMA-ES after the dream")
+    episodes: int = _f(200, low=1, doc="real episodes the current agent collects per iteration")
+    noise: float = _f(0.1, low=0.0, doc="std of the Gaussian noise added to the agent's actions")
+    vae_epochs: int = _f(0, low=0, doc="more V epochs per iteration (0: V stays; new frames only encoded)")
+    m_epochs: int = _f(3, low=0, doc="more M epochs per iteration, on all data, from M's current weights")
+    generations: int = _f(40, low=1, doc="more CMA-ES generations per iteration, in the new dream")
+
+
+@dataclass
 class EvalConfig:
     episodes: int = _f(100, low=1)
     seed: int = _f(10_000, low=0, doc="first seed; held apart from collection seeds")
@@ -131,6 +146,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     cmaes: CMAESConfig = field(default_factory=CMAESConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     name: str = "run"

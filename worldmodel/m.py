@@ -41,6 +41,8 @@ State = tuple[torch.Tensor, ...]
 #: name in ``model.m`` -> "module:Class".  Imported lazily.
 REGISTRY: dict[str, str] = {
     "mdnrnn": "worldmodel.mdnrnn:MDNRNN",
+    "belief": "worldmodel.belief:BeliefModel",
+    "tdvae": "worldmodel.tdvae:TDVAE",
 }
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from worldmodel.config import VAEConfig
-from worldmodel.episodes import episode_index, episode_path, load_episode, save_episode
+from worldmodel.episodes import episode_index, episode_path, list_episodes, load_episode, save_episode
 from worldmodel.errors import UserError
 from worldmodel.frames import FrameSet, load_frames, subsample
 from worldmodel.io import (
@@ -51,7 +51,7 @@ from worldmodel.latents import list_latents, split_episodes
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
 from worldmodel.torch_utils import resolve_device
-from worldmodel.vae import ConvVAE, encode_frames, preprocess, save_vae, vae_loss
+from worldmodel.vae import ConvVAE, encode_frames, load_vae, preprocess, save_vae, vae_loss
 
 GRID_FRAMES = 8  # columns of the reconstruction plot
 POSTFIX_EVERY_S = 0.5  # progress-bar refresh of the loss terms (each one reads the device)
@@ -238,27 +238,46 @@ def _epoch_record(epoch: int, train: dict, val: dict | None, n_train: int, n_val
 
 # ----------------------------------------------------------------- latents
 
-def encode_latents(run: Run, vae: ConvVAE, frames: FrameSet, batch_size: int,
-                   device: torch.device, progress: bool = True) -> tuple[int, int]:
+def encode_latents(run: Run, vae: ConvVAE, episodes: Sequence[Path], frames_of: Callable[[int], np.ndarray],
+                   batch_size: int, device: torch.device, progress: bool = True) -> tuple[int, int]:
     """Write ``latents/ep_XXXXXX.npz`` for every episode; returns (written, kept).
 
-    A latents file newer than both ``vae.pt`` and its episode file is kept.
+    ``frames_of(i)``: the uint8 frames (T, 64, 64, 3) of ``episodes[i]``, read only when
+    needed.  A latents file newer than both ``vae.pt`` and its episode file is kept.
     """
     vae.eval()
     vae_mtime = run.vae_path.stat().st_mtime_ns
     written = kept = 0
-    for i, ep in enumerate(tqdm(frames.episodes, unit="ep", desc="encode latents", disable=not progress)):
+    for i, ep in enumerate(tqdm(episodes, unit="ep", desc="encode latents", disable=not progress)):
         out = episode_path(run.latents_dir, episode_index(ep))
-        if frames.offsets[i + 1] == frames.offsets[i]:
-            continue  # an empty episode has no step for M to learn from
         if out.exists() and out.stat().st_mtime_ns > max(vae_mtime, ep.stat().st_mtime_ns):
             kept += 1
             continue
+        frames = frames_of(i)
+        if len(frames) == 0:
+            continue  # an empty episode has no step for M to learn from
         copied = load_episode(ep, keys=LATENT_COPY_KEYS)
-        mu, logvar = encode_frames(vae, frames.episode_frames(i), batch_size, device)
+        mu, logvar = encode_frames(vae, frames, batch_size, device)
         save_episode(out, {"mu": mu, "logvar": logvar, **copied})
         written += 1
     return written, kept
+
+
+def encode_new_episodes(run: Run, progress: bool = True) -> tuple[int, int]:
+    """Encode, with the run's saved V, the episodes that have no up-to-date latents file.
+
+    Reads frames straight from the episode files, so adding a few episodes (``iterate``)
+    does not rebuild the frame cache of all of them.  Returns (written, kept).
+    """
+    device = resolve_device(run.cfg.system.device)
+    vae = load_vae(run.vae_path, run.cfg.vae.z_dim, device)
+    episodes = list_episodes(run.episodes_dir)
+
+    def frames_of(i: int) -> np.ndarray:
+        return load_episode(episodes[i], keys=("obs",))["obs"]
+
+    with _threads(run.cfg.vae.threads or _available_cores()):
+        return encode_latents(run, vae, episodes, frames_of, run.cfg.vae.batch_size, device, progress)
 
 
 def remove_orphan_latents(run: Run, frames: FrameSet) -> int:
@@ -319,7 +338,8 @@ def _train_vae(run: Run, skip_bad: bool, progress: bool) -> dict:
 
     if trained or not run.vae_path.exists():
         save_vae(run.vae_path, vae)
-    written, kept = encode_latents(run, vae, frames, cfg.batch_size, device, progress)
+    written, kept = encode_latents(run, vae, frames.episodes, frames.episode_frames, cfg.batch_size, device,
+                                   progress)
     removed = remove_orphan_latents(run, frames)
     plot_run(run, stages=("vae",))
     return {

@@ -1,0 +1,152 @@
+"""`python run.py iterate`: the paper's iterative training, after a first dream.
+
+Ha & Schmidhuber (2018, section 5): a model trained on random rollouts only knows the
+parts of the world a random policy visits, and a controller evolved in it finds the
+places where the model is wrong (here: a dream where pressing against a wall keeps the
+agent alive).  Iterating closes that gap.  Iteration i (1 … ``iterate.iterations``):
+
+1. **collect** ``iterate.episodes`` real episodes with the current agent (V, M and the
+   centre of CMA-ES's distribution), its actions perturbed by Gaussian noise of std ``iterate.noise``;
+   they join the run's episodes;
+2. **encode** them with V (or, with ``iterate.vae_epochs`` > 0, train V that many more
+   epochs on all frames and re-encode everything);
+3. **train M** ``iterate.m_epochs`` more epochs on all the data, from its current
+   weights and Adam state;
+4. **dream**: continue CMA-ES ``iterate.generations`` more generations in the new
+   dream; its last generation is checked in the real game.
+
+Every count is cumulative: iteration i asks for ``collect.episodes + i × iterate.episodes``
+episodes, ``model.epochs + i × iterate.m_epochs`` M epochs, and so on.  So each step
+is the ordinary resumable stage with a larger target, and rerunning ``iterate`` after
+a kill continues where it stopped.  ``metrics/iterate.jsonl`` gets one record per
+finished iteration (the noisy agent's real return while collecting, M's validation
+loss, the dream and real scores at the iteration's end); a recorded iteration is not
+run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from agents.cmaes import STATE_FILE, load_state
+from agents.collect import collect_agent
+from worldmodel.errors import UserError
+from worldmodel.io import append_jsonl, read_jsonl
+from worldmodel.runs import Run
+
+METRICS = "iterate"
+
+
+def iteration_run(run: Run, i: int) -> Run:
+    """The run as iteration ``i`` sees it: every stage's target raised i times (0: the base run)."""
+    cfg, it = run.cfg, run.cfg.iterate
+    cfg = dataclasses.replace(
+        cfg,
+        collect=dataclasses.replace(cfg.collect, episodes=cfg.collect.episodes + i * it.episodes),
+        vae=dataclasses.replace(cfg.vae, epochs=cfg.vae.epochs + i * it.vae_epochs),
+        model=dataclasses.replace(cfg.model, epochs=cfg.model.epochs + i * it.m_epochs),
+        cmaes=dataclasses.replace(cfg.cmaes, generations=cfg.cmaes.generations + i * it.generations),
+    )
+    return Run(dir=run.dir, cfg=cfg)
+
+
+def _last_real_check(run: Run) -> dict[str, Any]:
+    checks = [r for r in read_jsonl(run.metrics_path("dream")) if r.get("real_mean") is not None]
+    return checks[-1] if checks else {}
+
+
+def _current_controller(run: Run) -> tuple[np.ndarray, int]:
+    """The centre of CMA-ES's distribution now, and its generation: where the dream is being exploited.
+
+    Not ``controller.pt``, which is the best real check so far and may be many generations old.
+    """
+    state = load_state(run.path(STATE_FILE))
+    return np.asarray(state["es"].mean, np.float32), int(state["generation"])
+
+
+def _require_dream(run: Run) -> None:
+    state = run.path(STATE_FILE)
+    if not state.exists():
+        raise UserError(f"{state}: not found; iterate continues the dream's CMA-ES: "
+                        "run `python run.py dream` (or `pipeline`) first")
+
+
+def iterate(run: Run, workers: int | None = None, backend: str | None = None, skip_bad: bool = False,
+            progress: bool = True) -> dict[str, Any]:
+    """Run the iterations ``iterate.iterations`` asks for; skip those already recorded."""
+    from agents.pipeline import dream
+    from worldmodel.train_m import train_m
+    from worldmodel.train_vae import encode_new_episodes, train_vae
+
+    it = run.cfg.iterate
+    if it.iterations == 0:
+        raise UserError("config iterate.iterations is 0: nothing to do (e.g. --set iterate.iterations=3)")
+    _require_dream(run)
+    metrics = run.metrics_path(METRICS)
+    records = read_jsonl(metrics)
+    done = {int(r["iteration"]) for r in records}
+    for i in range(1, it.iterations + 1):
+        if i in done:
+            continue
+        prev, cur = iteration_run(run, i - 1), iteration_run(run, i)
+        print(f"== iteration {i}/{it.iterations}", flush=True)
+        seconds: dict[str, float] = {}
+
+        start = time.perf_counter()
+        params, generation = _current_controller(run)
+        first = prev.cfg.collect.episodes
+        collected = collect_agent(run, range(first, cur.cfg.collect.episodes), params, it.noise,
+                                  workers, backend, progress)
+        seconds["collect"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        if it.vae_epochs > 0:
+            train_vae(cur, skip_bad=skip_bad, progress=progress)
+        else:
+            encode_new_episodes(cur, progress)
+        seconds["encode"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        m_summary = train_m(cur, skip_bad=skip_bad) if it.m_epochs > 0 else {}
+        seconds["train_m"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        dream_summary = dream(cur, workers=workers, backend=backend, progress=progress)
+        seconds["dream"] = time.perf_counter() - start
+
+        check = _last_real_check(cur)
+        record = {
+            "iteration": i,
+            "episodes": cur.cfg.collect.episodes,
+            "collected_by": {"generation": generation, "noise": it.noise},
+            "collect_return": collected["mean_return"],
+            "m_val_loss": m_summary.get("val/loss"),
+            "m_val_z_nll": m_summary.get("val/z_nll"),
+            "generation": dream_summary["generations"],
+            "centre_dream": check.get("centre_dream"),
+            "real_mean": check.get("real_mean"),
+            "real_std": check.get("real_std"),
+            "best_real_score": dream_summary["best_real_score"],
+            "best_real_generation": dream_summary["best_real_generation"],
+            "seconds": seconds,
+            "time": time.time(),
+        }
+        append_jsonl(metrics, record)
+        records.append(record)
+        print(f"   iteration {i}: noisy agent collected {collected['mean_return']:.1f}; "
+              f"dream {_fmt(record['centre_dream'])}, real {_fmt(record['real_mean'])} "
+              f"(generation {record['generation']})", flush=True)
+    last = records[-1]
+    return {"iterations": len(records), "episodes": last["episodes"], "generation": last["generation"],
+            "last_dream": last["centre_dream"], "last_real": last["real_mean"],
+            "best_real_score": last["best_real_score"], "best_real_generation": last["best_real_generation"],
+            "controller_path": str(run.controller_path)}
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
