@@ -87,14 +87,17 @@ def _run_command(run, args: argparse.Namespace) -> None:
 
         _print(train_m(run, skip_bad=args.skip_bad))
     elif args.command == "dream":
-        from agents.pipeline import dream
+        from agents.pipeline import dream, select
 
         _print(dream(run, workers=args.workers, backend=args.backend, progress=progress))
+        _print(select(run, workers=args.workers, backend=args.backend))
     elif args.command == "iterate":
         from agents.iterate import iterate
+        from agents.pipeline import select
 
         _print(iterate(run, workers=args.workers, backend=args.backend, skip_bad=args.skip_bad,
                        progress=progress))
+        _print(select(run, workers=args.workers, backend=args.backend))
     elif args.command == "evaluate":
         from agents.evaluate import evaluate_run
 

@@ -21,6 +21,8 @@ Files in the run folder (all written atomically, once per generation):
 - ``controller.pt`` (``run.controller_path``): the controller with the best *real* score
   when a real check has run, else the candidate with the best dream fitness so far
   ("pick the controller by a held-out real evaluation, not by dream score alone").
+  The best of many checks on the same few episodes overstates its score; agents/select.py
+  then re-plays the best few checked controllers on fresh episodes and keeps the winner.
 - ``controller_dream.pt``: the best-dream-fitness candidate, always.
 - ``metrics/dream.jsonl``: one record per generation; ``plots/dream.png`` drawn from it by
   :func:`worldmodel.plots.plot_run` after every real check and at the end.
@@ -93,7 +95,7 @@ def _new_state(num_params: int, c) -> dict[str, Any]:
     es = cma.CMAEvolutionStrategy(np.zeros(num_params), c.sigma0, opts)
     return {"version": STATE_VERSION, "es": es, "generation": 0, "num_params": num_params,
             "population": c.population, "seed": c.seed, "best_dream": None, "best_real": None,
-            "history": [], "wall_s": 0.0}
+            "checks": [], "history": [], "wall_s": 0.0}
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -227,6 +229,10 @@ def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: 
         scores = np.asarray(evaluate_fn(candidates[-1].copy(), c.eval_episodes, EVAL_SEED_BASE + c.seed),
                             dtype=np.float64)
         real_mean, real_std = float(scores.mean()), float(scores.std())
+        # Every checked centre is kept: agents/select.py re-plays the best few on fresh episodes.
+        state.setdefault("checks", []).append({"params": candidates[-1].astype(np.float32),
+                                               "generation": generation, "dream_score": centre,
+                                               "real_score": real_mean})
         if state["best_real"] is None or real_mean > state["best_real"]["real_score"]:
             state["best_real"] = {"params": candidates[-1].astype(np.float32), "generation": generation,
                                   "dream_score": centre, "real_score": real_mean}

@@ -80,7 +80,7 @@ def iterate(run: Run, workers: int | None = None, backend: str | None = None, sk
     """Run the iterations ``iterate.iterations`` asks for; skip those already recorded."""
     from agents.pipeline import dream
     from worldmodel.train_m import train_m
-    from worldmodel.train_vae import encode_new_episodes, train_vae
+    from worldmodel.train_vae import train_vae
 
     it = run.cfg.iterate
     if it.iterations == 0:
@@ -104,10 +104,8 @@ def iterate(run: Run, workers: int | None = None, backend: str | None = None, sk
         seconds["collect"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        if it.vae_epochs > 0:
-            train_vae(cur, skip_bad=skip_bad, progress=progress)
-        else:
-            encode_new_episodes(cur, progress)
+        # With no V epochs to add, this only encodes the new episodes (frames read from their files).
+        train_vae(cur, skip_bad=skip_bad, progress=progress)
         seconds["encode"] = time.perf_counter() - start
 
         start = time.perf_counter()

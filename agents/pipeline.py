@@ -1,7 +1,8 @@
 """`python run.py dream` (CMA-ES in the dream, with real-env checks) and `pipeline`.
 
 ``pipeline`` runs collect -> train-vae -> train-rnn -> dream -> iterate (when
-``iterate.iterations`` > 0) -> evaluate on one run folder; each stage resumes or skips what is already done, so running the
+``iterate.iterations`` > 0) -> select (when ``cmaes.select_episodes`` > 0) -> evaluate
+on one run folder; each stage resumes or skips what is already done, so running the
 same command again continues where it stopped.
 """
 
@@ -18,6 +19,13 @@ from worldmodel.io import append_jsonl
 from worldmodel.runs import Run
 
 
+def _real_check(run: Run, workers: int | None, backend: str | None):
+    def real_check(params: np.ndarray, episodes: int, seed: int) -> list[float]:
+        return evaluate_params(run, params, episodes, seed, workers, backend)
+
+    return real_check
+
+
 def dream(run: Run, workers: int | None = None, backend: str | None = None, progress: bool = True) -> dict:
     """Evolve the controller in M's dream; check the best in the real game every few generations.
 
@@ -26,11 +34,15 @@ def dream(run: Run, workers: int | None = None, backend: str | None = None, prog
     """
     from agents.cmaes import train_controller
 
-    def real_check(params: np.ndarray, episodes: int, seed: int) -> list[float]:
-        return evaluate_params(run, params, episodes, seed, workers, backend)
+    return train_controller(run, evaluate_fn=_real_check(run, workers, backend) if run.cfg.cmaes.eval_every
+                            else None, progress=progress)
 
-    return train_controller(run, evaluate_fn=real_check if run.cfg.cmaes.eval_every else None,
-                            progress=progress)
+
+def select(run: Run, workers: int | None = None, backend: str | None = None) -> dict:
+    """Keep the best of the best-checked controllers on fresh real episodes (agents/select.py)."""
+    from agents.select import select_controller
+
+    return select_controller(run, _real_check(run, workers, backend))
 
 
 def _current_report(run: Run) -> dict | None:
@@ -69,6 +81,8 @@ def pipeline(run: Run, workers: int | None = None, backend: str | None = None, s
     if run.cfg.iterate.iterations:
         stages.append(("iterate", lambda: iterate(run, workers=workers, backend=backend, skip_bad=skip_bad,
                                                   progress=progress)))
+    if run.cfg.cmaes.select_episodes:
+        stages.append(("select", lambda: select(run, workers=workers, backend=backend)))
     summaries = {}
     for name, stage in stages:
         print(f"== {name}", flush=True)

@@ -16,6 +16,7 @@ from worldmodel.episodes import list_episodes, load_episode
 from worldmodel.errors import UserError
 from worldmodel.io import load_checkpoint, read_jsonl
 from worldmodel.latents import list_latents
+from worldmodel.plots import plot_run
 from worldmodel.runs import open_run
 from worldmodel.train_m import train_m
 from worldmodel.train_vae import train_vae
@@ -69,6 +70,7 @@ def test_iterate_adds_agent_episodes_and_trains_on(iterated):
     assert [r["iteration"] for r in records] == [1, 2]
     assert [r["episodes"] for r in records] == [base + 2, base + 4]
     assert summary["iterations"] == 2 and summary["generation"] == run.cfg.cmaes.generations + 2
+    assert plot_run(run, stages=("dream",))["dream"].endswith("dream.png")
 
 
 def test_agent_episodes_are_played_by_the_controller(iterated):

@@ -17,11 +17,11 @@ from conftest import ROOT, SMOKE
 from agents.pipeline import _current_report
 from worldmodel.io import write_json
 
-STAGES = ("collect", "train-vae", "train-rnn", "dream", "evaluate")
+STAGES = ("collect", "train-vae", "train-rnn", "dream", "iterate", "select", "evaluate")
 #: What a finished stage made; a rerun must leave every byte and mtime as it was.
 #: (m.pt is written again with the same weights; plots are redrawn; dream.jsonl is rewritten
 #: from the CMA-ES state: those are compared by content below.)
-KEPT = ("episodes", "latents", "vae.pt", "vae_ckpt.pt", "m_ckpt.pt", "cmaes.pkl", "controller.pt",
+KEPT = ("episodes", "latents", "vae.pt", "vae_ckpt.pt", "m_ckpt.pt", "cmaes.pkl", "controller.pt", "select.json",
         "controller_dream.pt", "eval.json")
 
 
@@ -66,9 +66,11 @@ def test_pipeline_runs_every_stage_and_prints_both_scores(first):
     log, run_dir = first["log"], first["dir"]
     positions = [log.index(f"== {stage}\n") for stage in STAGES]
     assert positions == sorted(positions)
-    assert len(list((run_dir / "episodes").glob("ep_*.npz"))) == 4  # collect.episodes
-    assert len(list((run_dir / "latents").glob("ep_*.npz"))) == 4
-    assert [r["generation"] for r in first["metrics"]["dream"]] == [1, 2]  # cmaes.generations
+    assert len(list((run_dir / "episodes").glob("ep_*.npz"))) == 4 + 2  # collect.episodes + iterate.episodes
+    assert len(list((run_dir / "latents").glob("ep_*.npz"))) == 4 + 2
+    assert [r["generation"] for r in first["metrics"]["dream"]] == [1, 2, 3]  # + iterate.generations
+    assert [r["iteration"] for r in first["metrics"]["iterate"]] == [1]
+    assert json.loads((run_dir / "select.json").read_text())  # the best checks played again
     assert [r["stage"] for r in first["metrics"]["pipeline"]] == list(STAGES)
     report = json.loads((run_dir / "eval.json").read_text())
     a, r = report["agent"], report["random"]

@@ -109,6 +109,8 @@ class CMAESConfig:
                                doc="a harsh dream (low threshold) transfers better; docs/results.md")
     eval_every: int = _f(10, low=0, doc="real-env check of the best every N generations; 0 = never")
     eval_episodes: int = _f(8, low=1)
+    select_top: int = _f(3, low=1, doc="after training: how many of the best real checks to re-play")
+    select_episodes: int = _f(0, low=0, doc="fresh real episodes for each re-played controller; 0 = no selection")
     seed: int = _f(0, low=0)
 
 

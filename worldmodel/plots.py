@@ -114,8 +114,12 @@ def plot_m(records: list[dict], path: Path) -> str | None:
                         path, extra=DONE_QUALITY)
 
 
-def plot_dream(records: list[dict], path: Path) -> str | None:
-    """Dream and real score per CMA-ES generation (agents/cmaes.py's records)."""
+def plot_dream(records: list[dict], path: Path, retrained_at: tuple[int, ...] = ()) -> str | None:
+    """Dream and real score per CMA-ES generation (agents/cmaes.py's records).
+
+    retrained_at: generations after which ``iterate`` collected new data and retrained M
+    (dotted lines: the dream changes there, so dream scores before and after differ in kind).
+    """
     records = _last_per(records, "generation")
     if not records:
         return None
@@ -135,6 +139,8 @@ def plot_dream(records: list[dict], path: Path) -> str | None:
         errs = [r.get("real_std") or 0.0 for r in real]
         ax.errorbar([r["generation"] for r in real], [r["real_mean"] for r in real], yerr=errs,
                     fmt="o-", color="black", capsize=3, label="real: centre")
+    for i, generation in enumerate(retrained_at):
+        ax.axvline(generation, color="grey", linestyle=":", label="new data, M retrained" if i == 0 else None)
     ax.set_xlabel("generation")
     ax.set_ylabel("score")
     ax.set_title("C: CMA-ES in the dream", fontsize="medium")
@@ -157,6 +163,12 @@ def plot_run(run: Run, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
         if not records:
             summary[stage] = f"skipped (no records in {metrics})"
             continue
-        written = PLOTTERS[stage](records, run.dir / "plots" / f"{stage}.png")
+        path = run.dir / "plots" / f"{stage}.png"
+        if stage == "dream":
+            iterations = read_jsonl(run.dir / "metrics" / "iterate.jsonl")
+            starts = tuple(r["generation"] - run.cfg.iterate.generations for r in iterations)
+            written = plot_dream(records, path, retrained_at=starts)
+        else:
+            written = PLOTTERS[stage](records, path)
         summary[stage] = written or f"skipped (no plottable values in {metrics})"
     return summary

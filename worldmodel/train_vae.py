@@ -3,7 +3,8 @@
 ``python run.py train-vae`` calls :func:`train_vae`.  What it leaves in the run folder:
 
 - ``vae_ckpt.pt``  after each epoch: model, optimizer, epoch, torch and numpy RNG
-  state.  A rerun resumes from it; with every epoch done, training is skipped.
+  state.  A rerun resumes from it; with every epoch done (and ``vae.pt`` saved), the
+  frames are not even loaded: only episodes without latents are encoded.
 - ``vae.pt``       the final weights (:func:`worldmodel.vae.save_vae`).
 - ``metrics/vae.jsonl``  one record per epoch: train_* and val_* recon / kl /
   kl_raw / loss, img_per_s (also TensorBoard under ``tb/`` when it is installed).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,7 +53,7 @@ from worldmodel.latents import list_latents, split_episodes
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
 from worldmodel.torch_utils import resolve_device
-from worldmodel.vae import ConvVAE, encode_frames, load_vae, preprocess, save_vae, vae_loss
+from worldmodel.vae import FRAME_SHAPE, ConvVAE, encode_frames, load_vae, preprocess, save_vae, vae_loss
 
 GRID_FRAMES = 8  # columns of the reconstruction plot
 POSTFIX_EVERY_S = 0.5  # progress-bar refresh of the loss terms (each one reads the device)
@@ -263,21 +265,37 @@ def encode_latents(run: Run, vae: ConvVAE, episodes: Sequence[Path], frames_of: 
     return written, kept
 
 
-def encode_new_episodes(run: Run, progress: bool = True) -> tuple[int, int]:
+def encode_new_episodes(run: Run, skip_bad: bool = False, progress: bool = True) -> dict:
     """Encode, with the run's saved V, the episodes that have no up-to-date latents file.
 
     Reads frames straight from the episode files, so adding a few episodes (``iterate``)
-    does not rebuild the frame cache of all of them.  Returns (written, kept).
+    does not rebuild the frame cache of all of them.  Returns frames, skipped_episodes,
+    latents_written, latents_kept, latents_removed.
     """
     device = resolve_device(run.cfg.system.device)
     vae = load_vae(run.vae_path, run.cfg.vae.z_dim, device)
-    episodes = list_episodes(run.episodes_dir)
+    episodes, skipped = list_episodes(run.episodes_dir), []
 
     def frames_of(i: int) -> np.ndarray:
-        return load_episode(episodes[i], keys=("obs",))["obs"]
+        try:
+            return load_episode(episodes[i], keys=("obs",))["obs"]
+        except UserError as exc:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipping {exc}", stacklevel=2)
+            skipped.append(episodes[i])
+            return np.zeros((0, *FRAME_SHAPE), np.uint8)
 
     with _threads(run.cfg.vae.threads or _available_cores()):
-        return encode_latents(run, vae, episodes, frames_of, run.cfg.vae.batch_size, device, progress)
+        written, kept = encode_latents(run, vae, episodes, frames_of, run.cfg.vae.batch_size, device, progress)
+    current = {p.name for p in episodes if p not in skipped}
+    orphans = [p for p in list_latents(run.latents_dir) if p.name not in current]
+    for p in orphans:
+        p.unlink()
+    frames = sum(len(load_episode(p, keys=("done",))["done"]) for p in episodes if p not in skipped)
+    return {"frames": int(frames),
+            "skipped_episodes": len(skipped), "latents_written": written, "latents_kept": kept,
+            "latents_removed": len(orphans)}
 
 
 def remove_orphan_latents(run: Run, frames: FrameSet) -> int:
@@ -298,8 +316,22 @@ def train_vae(run: Run, skip_bad: bool = False, progress: bool = True) -> dict:
     validation episodes), frames, train_frames, val_frames, skipped_episodes,
     latents_written, latents_kept, latents_removed (files of episodes now gone or skipped).
     """
-    with _threads(run.cfg.vae.threads or _available_cores()):
+    cfg = run.cfg.vae
+    if run.vae_path.exists() and _epochs_done(checkpoint_path(run)) >= cfg.epochs:
+        # V is trained: new episodes (from ``iterate``) only need latents, not a frame cache of all.
+        records = read_jsonl(run.metrics_path("vae"))
+        return {"epochs": cfg.epochs, "epochs_trained": 0,
+                "val_loss": records[-1].get("val_loss") if records else None,
+                **encode_new_episodes(run, skip_bad, progress)}
+    with _threads(cfg.threads or _available_cores()):
         return _train_vae(run, skip_bad, progress)
+
+
+def _epochs_done(path: Path) -> int:
+    if not path.exists():
+        return 0
+    ckpt = load_checkpoint(path)
+    return int(ckpt["epoch"]) if isinstance(ckpt, dict) and "epoch" in ckpt else 0
 
 
 def _train_vae(run: Run, skip_bad: bool, progress: bool) -> dict:

@@ -1,0 +1,79 @@
+"""Pick the controller to keep: the best few real checks, played again on fresh episodes.
+
+While CMA-ES runs (``dream``, ``iterate``), the centre of its distribution is checked in the
+real game every ``cmaes.eval_every`` generations, always on the same ``cmaes.eval_episodes``
+episodes, so that checks compare on equal luck.  The best of many such checks overstates its
+controller: it was picked for scoring high on those few episodes (run tc1b scored 914 on its 16
+check episodes and 692 on 100 held-out ones).  :func:`select_controller` plays the
+``cmaes.select_top`` best-checked controllers on ``cmaes.select_episodes`` fresh episodes
+(seeds 2,000,000 + ``cmaes.seed`` …, used by nothing else) and keeps the one with the best mean
+there.
+
+Scores are cached in ``select.json`` per (episodes, seed) and generation, so a rerun plays only
+controllers not yet scored; ``controller.pt`` is rewritten only when the choice changes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from agents.cmaes import STATE_FILE, EvaluateFn, load_state
+from agents.controller import load_controller, save_controller
+from worldmodel.io import write_json
+from worldmodel.runs import Run
+
+SELECT_SEED_BASE = 2_000_000
+SELECT_FILE = "select.json"
+
+
+def _read_cache(run: Run) -> dict[str, Any]:
+    path = run.path(SELECT_FILE)
+    try:
+        cache = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:  # torn or edited by hand: score again
+        cache = {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def select_controller(run: Run, evaluate_fn: EvaluateFn) -> dict[str, Any]:
+    """Play the best-checked controllers on fresh episodes; write the winner to ``controller.pt``.
+
+    evaluate_fn(params (P,), episodes, seed) -> real returns.  Returns a summary.
+    """
+    c = run.cfg.cmaes
+    state_path = run.path(STATE_FILE)
+    if c.select_episodes == 0 or not state_path.exists():
+        return {"selected": "off (cmaes.select_episodes is 0)" if c.select_episodes == 0
+                else f"skipped ({state_path} not found)"}
+    checks = load_state(state_path).get("checks", [])
+    if not checks:
+        return {"selected": "skipped (no real checks to choose from)"}
+    top = sorted(checks, key=lambda ch: -ch["real_score"])[: c.select_top]
+    seed = SELECT_SEED_BASE + c.seed
+    cache = _read_cache(run)
+    scores = cache.setdefault(f"{c.select_episodes} episodes from seed {seed}", {})
+    for check in top:
+        key = str(check["generation"])
+        if key not in scores:
+            returns = np.asarray(evaluate_fn(check["params"].copy(), c.select_episodes, seed), np.float64)
+            scores[key] = {"mean": float(returns.mean()), "std": float(returns.std()),
+                           "check_score": float(check["real_score"])}
+            write_json(run.path(SELECT_FILE), cache)
+            print(f"   select: generation {key}: check {check['real_score']:.1f}, "
+                  f"{c.select_episodes} fresh episodes {returns.mean():.1f} ± {returns.std():.1f}", flush=True)
+    best = max(top, key=lambda ch: scores[str(ch["generation"])]["mean"])
+    chosen = scores[str(best["generation"])]
+    current, meta = load_controller(run.controller_path)
+    if not np.array_equal(current, best["params"]):
+        meta.update(source="select", generation=int(best["generation"]), dream_score=float(best["dream_score"]),
+                    real_score=float(best["real_score"]), select_score=chosen["mean"],
+                    select_episodes=c.select_episodes)
+        save_controller(run.controller_path, best["params"], meta)
+    return {"selected_generation": int(best["generation"]), "select_score": chosen["mean"],
+            "select_std": chosen["std"], "check_score": chosen["check_score"],
+            "candidates": {int(k): v["mean"] for k, v in scores.items() if int(k) in
+                           {int(ch["generation"]) for ch in top}},
+            "controller_path": str(run.controller_path)}

@@ -1,0 +1,73 @@
+"""agents/select.py: the best-checked controllers played again on fresh episodes; the winner kept."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agents.cmaes import STATE_FILE, _new_state, _save_state
+from agents.controller import load_controller, save_controller
+from agents.select import SELECT_SEED_BASE, select_controller
+
+P = 5
+
+
+def _run_with_checks(make_run, check_scores: list[float], overrides=()):
+    """A run whose CMA-ES state holds one real check per score; controller i's params are all i."""
+    run = make_run(overrides=["cmaes.select_top=2", "cmaes.select_episodes=6", *overrides])
+    state = _new_state(P, run.cfg.cmaes)
+    state["checks"] = [{"params": np.full(P, i, np.float32), "generation": 10 * (i + 1), "dream_score": 0.0,
+                        "real_score": score} for i, score in enumerate(check_scores)]
+    _save_state(run.path(STATE_FILE), state)
+    best = int(np.argmax(check_scores))
+    save_controller(run.controller_path, np.full(P, best, np.float32), {"source": "real"})
+    return run
+
+
+class FakeGame:
+    """Controller i scores fresh_means[i] on the fresh episodes; records every call."""
+
+    def __init__(self, fresh_means: list[float]):
+        self.fresh_means, self.calls = fresh_means, []
+
+    def __call__(self, params: np.ndarray, episodes: int, seed: int) -> list[float]:
+        i = int(params[0])
+        self.calls.append((i, episodes, seed))
+        return [self.fresh_means[i]] * episodes
+
+
+def test_keeps_the_best_on_fresh_episodes_not_the_best_check(make_run):
+    # Checks rank controller 2 first (luck on the check episodes); fresh episodes rank controller 1 first.
+    run = _run_with_checks(make_run, [300.0, 700.0, 900.0])
+    game = FakeGame([1000.0, 650.0, 500.0])
+    summary = select_controller(run, game)
+    seed = SELECT_SEED_BASE + run.cfg.cmaes.seed
+    assert sorted(game.calls) == [(1, 6, seed), (2, 6, seed)]  # only the top 2 checks, 6 episodes each
+    assert summary["selected_generation"] == 20 and summary["select_score"] == 650.0
+    params, meta = load_controller(run.controller_path)
+    np.testing.assert_array_equal(params, np.full(P, 1, np.float32))
+    assert meta["source"] == "select" and meta["select_score"] == 650.0 and meta["real_score"] == 700.0
+
+
+def test_rerun_plays_nothing_and_keeps_the_file(make_run):
+    run = _run_with_checks(make_run, [300.0, 700.0, 900.0])
+    select_controller(run, FakeGame([0.0, 650.0, 500.0]))
+    before = run.controller_path.stat().st_mtime_ns
+    again = FakeGame([0.0, 0.0, 0.0])
+    summary = select_controller(run, again)
+    assert again.calls == [] and summary["selected_generation"] == 20
+    assert run.controller_path.stat().st_mtime_ns == before
+
+
+def test_best_check_confirmed_leaves_controller_untouched(make_run):
+    run = _run_with_checks(make_run, [300.0, 700.0, 900.0])
+    before = run.controller_path.stat().st_mtime_ns
+    summary = select_controller(run, FakeGame([0.0, 500.0, 800.0]))
+    assert summary["selected_generation"] == 30
+    assert run.controller_path.stat().st_mtime_ns == before
+
+
+def test_off_when_no_fresh_episodes(make_run):
+    run = _run_with_checks(make_run, [300.0, 700.0], overrides=["cmaes.select_episodes=0"])
+    game = FakeGame([0.0, 0.0])
+    assert select_controller(run, game)["selected"].startswith("off")
+    assert game.calls == []
