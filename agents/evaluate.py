@@ -114,6 +114,28 @@ def evaluate_params(run: Run, params: np.ndarray, episodes: int, seed: int,
     return [r["return"] for r in play_many(run, "agent", seeds, params, workers, backend)]
 
 
+def dream_score(run: Run, episodes: int, seed: int) -> dict:
+    """The run's controller in M's dream: ``episodes`` dreams as CMA-ES dreamt them (τ, done rule).
+
+    Each dream its own noise, drawn from ``seed``; its start z from the run's latents.
+    Returns the statistics of :func:`_stats` (with ``temperature``).
+    """
+    import torch
+
+    from agents.controller import ControllerSpec, load_controller
+    from envs.dream import DreamSettings, dream_rollouts, load_start_latents, load_world_model, sample_start_z
+
+    m = load_world_model(run)
+    settings = DreamSettings.from_config(run.cfg)
+    spec = ControllerSpec.for_env(run.cfg.env.name, m.feature_dim(settings.features))
+    params, _ = load_controller(run.controller_path, expected_params=spec.num_params)
+    generator = torch.Generator().manual_seed(seed)
+    z0 = sample_start_z(load_start_latents(run), episodes, generator)
+    with torch.no_grad():
+        result = dream_rollouts(m, torch.as_tensor(params).expand(episodes, -1), spec, z0, settings, generator)
+    return {**_stats(result.returns.tolist()), "temperature": settings.temperature}
+
+
 def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = None,
                  backend: str | None = None, video: bool = False, progress: bool = True) -> dict:
     """Evaluate the run's agent and the random policy on the same seeds; write eval.json."""
@@ -128,11 +150,13 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
     agent = play_many(run, "agent", seeds, None, workers, backend, video_seeds, progress, "agent")
     agent_s = time.perf_counter() - start
     random = play_many(run, "random", seeds, None, workers, backend, (), progress, "random policy")
+    dream = dream_score(run, episodes, cfg.eval.seed)
     report = {
         "env": cfg.env.name,
         "seeds": [seeds[0], seeds[-1]],
         "agent": {**_stats([r["return"] for r in agent]), "episodes_detail": agent},
         "random": {**_stats([r["return"] for r in random]), "episodes_detail": random},
+        "dream": dream,
         "wall_seconds": agent_s,
         "videos": [str(_video_path({"run": str(run.dir), "policy": "agent", "video_seeds": video_seeds}, s))
                    for s in video_seeds],
@@ -145,8 +169,12 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
 def scores(report: dict) -> dict[str, str]:
     """The two lines of an eval.json worth printing: the agent's score and the random policy's."""
     a, r = report["agent"], report["random"]
-    return {
+    lines = {
         "agent": f"{a['mean']:.1f} ± {a['std']:.1f} (min {a['min']:.0f}, max {a['max']:.0f}) "
                  f"over {a['episodes']} episodes",
         "random policy": f"{r['mean']:.1f} ± {r['std']:.1f} on the same seeds",
     }
+    if "dream" in report:  # the same controller in M's dream, beside its real score
+        d = report["dream"]
+        lines["agent in the dream"] = f"{d['mean']:.1f} ± {d['std']:.1f} over {d['episodes']} dreams (τ {d['temperature']})"
+    return lines

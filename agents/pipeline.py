@@ -103,5 +103,7 @@ def pipeline(run: Run, workers: int | None = None, backend: str | None = None, s
                                                     "time": time.time()})
     print(f"real {run.cfg.env.name}: agent {result['agent']}")
     print(f"real {run.cfg.env.name}: random policy {result['random policy']}")
+    if "agent in the dream" in result:
+        print(f"dream {run.cfg.env.name}: agent {result['agent in the dream']}")
     summaries["evaluate"] = result
     return summaries

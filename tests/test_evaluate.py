@@ -164,7 +164,7 @@ def evaluated(tiny):
     return result, json.loads(tiny["run"].path("eval.json").read_text())
 
 
-def test_report_scores_agent_and_random_policy_on_the_same_seeds(evaluated, by_hand):
+def test_report_scores_agent_and_random_policy_on_the_same_seeds(evaluated, by_hand, tiny):
     result, report = evaluated
     assert report["env"] == "takecover" and report["seeds"] == [SEED, SEED + EPISODES - 1]
     agent, random = report["agent"], report["random"]
@@ -181,6 +181,10 @@ def test_report_scores_agent_and_random_policy_on_the_same_seeds(evaluated, by_h
         assert (block["min"], block["max"]) == (returns.min(), returns.max())
     assert f"{agent['mean']:.1f} ± {agent['std']:.1f}" in result.stdout
     assert f"{random['mean']:.1f} ± {random['std']:.1f} on the same seeds" in result.stdout
+    dream = report["dream"]  # the same controller in M's dream, as CMA-ES dreamt
+    assert dream["episodes"] == EPISODES and dream["temperature"] == tiny["run"].cfg.cmaes.temperature
+    assert 1 <= dream["min"] <= dream["mean"] <= dream["max"] <= tiny["run"].cfg.cmaes.max_steps
+    assert f"{dream['mean']:.1f} ± {dream['std']:.1f} over {EPISODES} dreams" in result.stdout
 
 
 def test_video_holds_the_whole_first_episode(evaluated, by_hand):
