@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video", action="store_true", help="evaluate: record a few episodes")
     parser.add_argument("--temperature", type=float, help="watch: dream temperature tau")
     parser.add_argument("--steps", type=_positive, help="watch: steps per video")
+    parser.add_argument("--jump", type=_positive, help="watch: TD-VAE dreams the side-by-side in jumps of N steps")
     parser.add_argument("--out", help="watch: output folder; export: the new agent folder")
     parser.add_argument("--play", action="store_true", help="watch: play the dream with the keyboard")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -174,20 +174,31 @@ class Comparison:
 
 @torch.inference_mode()
 def compare_episode(vae: ConvVAE, m: WorldModel, obs: np.ndarray, actions: np.ndarray, temperature: float,
-                    generator: torch.Generator | None = None) -> Comparison:
+                    generator: torch.Generator | None = None, jump: int = 1) -> Comparison:
     """obs uint8 (T, 64, 64, 3), actions (T, A): reality, V's view of it, and M dreaming it open-loop.
 
     z_0 = V's μ of obs[0]; then z_{t+1} ~ M(z_t, a_t) at ``temperature`` for t < T-1.
+    jump > 1 (an M with ``imagine_jump``, e.g. TD-VAE): z_{t+δ} ~ M(z_t, a_t … a_{t+δ-1}) in jumps
+    of δ = ``jump`` steps, each dreamt frame held until the next jump lands.
     """
+    if jump > 1 and not hasattr(m, "imagine_jump"):
+        raise UserError(f"--jump {jump}: this M ({type(m).__name__}) dreams one step at a time; "
+                        "jumpy dreams need model.m: tdvae")
     mus = [vae.encode(preprocess(obs[i:i + DECODE_BATCH]))[0] for i in range(0, len(obs), DECODE_BATCH)]
     mu = torch.cat(mus)
     a = torch.as_tensor(np.asarray(actions, np.float32).reshape(len(obs), -1))
     z, state = mu[:1], m.initial_state(1)
     dream_z, done = [z], [0.0]
-    for t in range(len(obs) - 1):
-        state, z, _, d = m.imagine_step(state, z, a[t:t + 1], temperature, generator)
-        dream_z.append(z)
-        done.append(float(d[0]))
+    t = 0
+    while t < len(obs) - 1:
+        delta = min(jump, len(obs) - 1 - t)
+        if jump > 1:
+            state, z, _, d = m.imagine_jump(state, z, a[None, t:t + delta], temperature, generator)
+        else:
+            state, z, _, d = m.imagine_step(state, z, a[t:t + 1], temperature, generator)
+        dream_z.extend([dream_z[-1]] * (delta - 1) + [z])
+        done.extend([done[-1]] * (delta - 1) + [float(d[0])])
+        t += delta
     return Comparison(real=np.asarray(obs, np.uint8), recon=decode(vae, mu), dream=decode(vae, torch.cat(dream_z)),
                       done_prob=np.asarray(done))
 
@@ -252,7 +263,8 @@ def _temperature(run: Run, args: Any) -> float:
 def watch(run: Run, args: Any) -> dict[str, Any]:
     """Write the dream and side-by-side videos of ``run`` (or, with ``args.play``, play the dream).
 
-    args: ``episodes`` (dreams and side-by-side episodes, default 1), ``temperature``
+    args: ``episodes`` (dreams and side-by-side episodes, default 1), ``jump`` (side by side:
+    M dreams in jumps of that many steps; TD-VAE only), ``temperature``
     (default ``cmaes.temperature``), ``steps`` (cap per video, default ``cmaes.max_steps``),
     ``out`` (folder, default ``<run>/videos``), ``play``, ``quiet``.
     Without ``controller.pt`` the dream videos are skipped (the summary says so).
@@ -268,6 +280,7 @@ def watch(run: Run, args: Any) -> dict[str, Any]:
     out = Path(getattr(args, "out", None) or run.dir / "videos")
     fps = FPS[cfg.env.name]
     quiet = bool(getattr(args, "quiet", False))
+    jump = getattr(args, "jump", None) or 1
 
     vae = load_vae_for(run)
     m = load_world_model(run)
@@ -280,8 +293,8 @@ def watch(run: Run, args: Any) -> dict[str, Any]:
         ep = load_episode(path, keys=("obs", "action"))
         if len(ep["obs"]) == 0:
             continue
-        cmp = compare_episode(vae, m, ep["obs"][:steps], ep["action"][:steps], tau, generator)
-        name = f"compare_ep{episode_index(path):06d}_tau{tau:g}.mp4"
+        cmp = compare_episode(vae, m, ep["obs"][:steps], ep["action"][:steps], tau, generator, jump)
+        name = f"compare_ep{episode_index(path):06d}_tau{tau:g}{f'_jump{jump}' if jump > 1 else ''}.mp4"
         compare.append(write_video(out / name, comparison_video_frames(cmp, tau), fps))
     summary["compare_videos"] = [v["mp4"] for v in compare]
     summary["compare_frames"] = [v["frames"] for v in compare]

@@ -355,3 +355,27 @@ def test_train_rnn_with_tdvae_then_save_load_round_trip(tmp_path):
 def test_config_rejects_three_layers(tmp_path):
     with pytest.raises(UserError, match="tdvae_layers"):
         open_run(tmp_path / "run", SMOKE, overrides=["model.tdvae_layers=3"])
+
+
+# ----------------------------------------------------------------- jumpy dreams in watch
+
+def test_watch_dreams_in_jumps_and_refuses_a_one_step_m():
+    from agents.watch import compare_episode
+    from worldmodel.mdnrnn import MDNRNN
+    from worldmodel.vae import ConvVAE
+
+    torch.manual_seed(0)
+    vae, z_dim = ConvVAE(4), 4
+    m = TDVAE(z_dim, 1, 16, 3, max_jump=3).eval()
+    obs = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    actions = np.zeros((8, 1), np.float32)
+    cmp = compare_episode(vae, m, obs, actions, 1.0, torch.Generator().manual_seed(0), jump=3)
+    assert len(cmp.dream) == len(obs) == len(cmp.done_prob)
+    # jumps land on steps 3, 6 and 7 (the last one short): frames in between are held
+    np.testing.assert_array_equal(cmp.dream[1], cmp.dream[0])
+    np.testing.assert_array_equal(cmp.dream[2], cmp.dream[0])
+    np.testing.assert_array_equal(cmp.dream[5], cmp.dream[4])
+    assert not np.array_equal(cmp.dream[3], cmp.dream[2])
+    assert not np.array_equal(cmp.dream[7], cmp.dream[6])
+    with pytest.raises(UserError, match="jumpy dreams need model.m: tdvae"):
+        compare_episode(vae, MDNRNN(z_dim, 1, 8, 2), obs, actions, 1.0, jump=3)
