@@ -9,8 +9,8 @@
   read-only, and copy it (``shutil.copytree(smoke_run.dir, tmp_path / "run")``,
   then ``open_run``) before changing anything.
 
-``ROOT`` and ``SMOKE`` (repository root, configs/smoke.yaml) can be imported
-from here as ``from conftest import ROOT, SMOKE``.
+``ROOT`` and ``SMOKE`` (repository root, configs/smoke.yaml) and :func:`linear_world_batch`
+(a toy world for M's training tests) can be imported from here, e.g. ``from conftest import ROOT``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,24 @@ from worldmodel.runs import Run, open_run
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 SMOKE_RUN_OVERRIDES = ("collect.episodes=2", "collect.max_steps=40", "env.max_steps=40")
+
+
+def linear_world_batch(b: int, t: int, z_dim: int, action_dim: int, end_in_death: bool = True) -> dict:
+    """A batch for ``WorldModel.loss`` from a tiny deterministic world: z_{t+1} = 0.8 z_t + a_t[0].
+
+    Actions and z_0 are drawn from torch's global generator (seed it first); reward = Σ z;
+    with ``end_in_death`` every sequence ends in a death.
+    """
+    import torch
+
+    action, z = torch.randn(b, t, action_dim), torch.zeros(b, t, z_dim)
+    z[:, 0] = torch.randn(b, z_dim)
+    for i in range(1, t):
+        z[:, i] = 0.8 * z[:, i - 1] + action[:, i - 1, :1]
+    terminated = torch.zeros(b, t, dtype=torch.bool)
+    terminated[:, -1] = end_in_death
+    return {"z": z, "action": action, "reward": z.sum(-1), "terminated": terminated,
+            "mask": torch.ones(b, t, dtype=torch.bool)}
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SMOKE
+from conftest import SMOKE, linear_world_batch
 from gymnasium.utils.env_checker import check_env
 from torch.distributions import Categorical, MixtureSameFamily, Normal
 
@@ -262,14 +262,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
 def test_training_drives_k_step_nll_down():
     """Adam on a tiny deterministic world, z_{t+1} = 0.8 z_t + a_t[0]: the K-step NLL falls too."""
     torch.manual_seed(0)
-    b, t = 8, 10
-    action = torch.randn(b, t, A)
-    z = torch.zeros(b, t, Z)
-    z[:, 0] = torch.randn(b, Z)
-    for i in range(1, t):
-        z[:, i] = 0.8 * z[:, i - 1] + action[:, i - 1, :1]
-    batch = {"z": z, "action": action, "reward": z.sum(-1), "terminated": torch.zeros(b, t, dtype=torch.bool),
-             "mask": torch.ones(b, t, dtype=torch.bool)}
+    batch = linear_world_batch(8, 10, Z, A, end_in_death=False)
     m = _model(overshoot=3)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     first = {k: v.item() for k, v in m.loss(batch).items()}

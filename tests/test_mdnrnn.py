@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import linear_world_batch
 from torch.distributions import Categorical, MixtureSameFamily, Normal
 
 from worldmodel.mdnrnn import MDNRNN, mdn_log_prob, mdn_sample
@@ -244,16 +245,7 @@ def test_imagine_step_is_reproducible_with_generator():
 def test_training_drives_loss_down():
     """Two hundred Adam steps on a tiny deterministic world: z_{t+1} = 0.8 z_t + a_t[0]."""
     torch.manual_seed(0)
-    b, t = 16, 12
-    action = torch.randn(b, t, A)
-    z = torch.zeros(b, t, Z)
-    z[:, 0] = torch.randn(b, Z)
-    for i in range(1, t):
-        z[:, i] = 0.8 * z[:, i - 1] + action[:, i - 1, :1]
-    terminated = torch.zeros(b, t, dtype=torch.bool)
-    terminated[:, -1] = True
-    batch = {"z": z, "action": action, "reward": z.sum(-1), "terminated": terminated,
-             "mask": torch.ones(b, t, dtype=torch.bool)}
+    batch = linear_world_batch(16, 12, Z, A)
     m = _model()
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     first = {k: v.item() for k, v in m.loss(batch).items()}

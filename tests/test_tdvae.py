@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import linear_world_batch
 from torch.distributions import Normal
 
 from agents.controller import ControllerSpec
@@ -116,15 +117,7 @@ def test_head_terms_match_hand_computation():
 def test_training_raises_the_elbo():
     """150 Adam steps on a tiny deterministic world: z_{t+1} = 0.8 z_t + a_t[0]."""
     torch.manual_seed(0)
-    b, t = 16, 12
-    action, z = torch.randn(b, t, A), torch.zeros(b, t, Z)
-    z[:, 0] = torch.randn(b, Z)
-    for i in range(1, t):
-        z[:, i] = 0.8 * z[:, i - 1] + action[:, i - 1, :1]
-    terminated = torch.zeros(b, t, dtype=torch.bool)
-    terminated[:, -1] = True
-    batch = {"z": z, "action": action, "reward": z.sum(-1), "terminated": terminated,
-             "mask": torch.ones(b, t, dtype=torch.bool)}
+    batch = linear_world_batch(16, 12, Z, A)
     m = _model()
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldmodel.m import State, WorldModel
+from worldmodel.m import State, WorldModel, controller_features, hidden_parts
 from worldmodel.mdnrnn import (
     LOG_SIGMA_MAX,
     LOG_SIGMA_MIN,
@@ -53,8 +53,6 @@ from worldmodel.mdnrnn import (
 if TYPE_CHECKING:
     from worldmodel.config import Config
 
-#: features mode -> how many of the belief's (h, c) the controller sees.
-_HIDDEN_PARTS = {"zh": 1, "zch": 2}
 
 
 def _ahead(x: torch.Tensor, j: int) -> torch.Tensor:
@@ -165,12 +163,12 @@ class BeliefModel(WorldModel):
         return (zeros, zeros.clone())
 
     def feature_dim(self, mode: str) -> int:
-        return self.z_dim + self.hidden * _hidden_parts(mode)
+        return self.z_dim + self.hidden * hidden_parts(mode)
 
     def features(self, state: State, z: torch.Tensor, mode: str) -> torch.Tensor:
         """z: (B, Z), belief (b_h, b_c) each (B, H) -> "zh": [z, b_h] (B, Z+H); "zch": [z, b_c, b_h] (B, Z+2H)."""
         b_h, b_c = state
-        return torch.cat([z, b_c, b_h] if _hidden_parts(mode) == 2 else [z, b_h], dim=-1)
+        return controller_features(z, b_h, b_c, mode)
 
     def sample_noise(self, batch_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
         """(Gumbel (B, K, Z), ε (B, Z)) on M's device; see :func:`worldmodel.mdnrnn.mixture_noise`."""
@@ -256,8 +254,3 @@ class BeliefModel(WorldModel):
             "z_nll_1": z_nll[0], f"z_nll_{self.overshoot}": z_nll[-1],
         }
 
-
-def _hidden_parts(mode: str) -> int:
-    if mode not in _HIDDEN_PARTS:
-        raise ValueError(f"unknown feature mode {mode!r} (expected 'zh' or 'zch')")
-    return _HIDDEN_PARTS[mode]

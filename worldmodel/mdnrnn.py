@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldmodel.m import State, WorldModel
+from worldmodel.m import State, WorldModel, controller_features, hidden_parts
 from worldmodel.torch_utils import rand
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class MDNRNN(WorldModel):
         return (zeros, zeros.clone())
 
     def feature_dim(self, mode: str) -> int:
-        return self.z_dim + self.hidden * _n_hidden_parts(mode)
+        return self.z_dim + self.hidden * hidden_parts(mode)
 
     def features(self, state: State, z: torch.Tensor, mode: str) -> torch.Tensor:
         """z: (B, Z), state (h, c) each (B, H) -> "zh": [z, h] (B, Z+H); "zch": [z, c, h] (B, Z+2H).
@@ -198,11 +198,9 @@ class MDNRNN(WorldModel):
         "zh" of what :meth:`imagine_step` returned last is a view of its row buffer (no copy).
         """
         h, c = state
-        if _n_hidden_parts(mode) == 2:
-            return torch.cat([z, c, h], dim=-1)
-        if self._is_last(state, z):
+        if hidden_parts(mode) == 1 and self._is_last(state, z):
             return self._step_cache.last[:, : self.z_dim + self.hidden]
-        return torch.cat([z, h], dim=-1)
+        return controller_features(z, h, c, mode)
 
     def sample_noise(self, batch_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
         """(Gumbel (B, K, Z), ε (B, Z)) on M's device; see :func:`mixture_noise`."""
@@ -348,10 +346,3 @@ class MDNRNN(WorldModel):
         loss = z_nll + self.reward_weight * reward + self.done_weight * done
         return {"loss": loss, "z_nll": z_nll, "reward": reward, "done": done}
 
-
-def _n_hidden_parts(mode: str) -> int:
-    if mode == "zh":
-        return 1
-    if mode == "zch":
-        return 2
-    raise ValueError(f"unknown feature mode {mode!r} (expected 'zh' or 'zch')")

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldmodel.m import State, WorldModel
+from worldmodel.m import State, WorldModel, controller_features, hidden_parts
 from worldmodel.mdnrnn import LOG_SIGMA_MAX, LOG_SIGMA_MIN, masked_mean
 from worldmodel.torch_utils import rand
 
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
     from worldmodel.config import Config
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
-#: features mode -> how many of the belief's (h, c) the controller sees.
-_HIDDEN_PARTS = {"zh": 1, "zch": 2}
 
 
 def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
@@ -309,14 +307,13 @@ class TDVAE(WorldModel):
         return h[0], c[0]
 
     def feature_dim(self, mode: str) -> int:
-        return self.z_dim + self.hidden * _parts(mode)
+        return self.z_dim + self.hidden * hidden_parts(mode)
 
     def features(self, state: State, z: torch.Tensor, mode: str) -> torch.Tensor:
         """z_t: (B, Z) -> "zh": [z_t, h_t] (B, Z+H); "zch": [z_t, c_t, h_t] (B, Z+2H), of the belief b_t."""
-        parts = _parts(mode)
         with torch.no_grad():
             h, c = self._belief_step(state, z)
-        return torch.cat([z, h] if parts == 1 else [z, c, h], -1)
+        return controller_features(z, h, c, mode)
 
     def observe(self, state: State, z: torch.Tensor, action: torch.Tensor) -> State:
         """z_t: (B, Z), a_t: (B, A) -> state_{t+1} = (b_t, a_t, no imagined s).  No gradients."""
@@ -388,8 +385,3 @@ class TDVAE(WorldModel):
         p_done = torch.sigmoid(done_logit - torch.log(self.done_pos_weight))
         return (h, c, actions[:, -1], s_next, z_next), z_next, reward, p_done
 
-
-def _parts(mode: str) -> int:
-    if mode not in _HIDDEN_PARTS:
-        raise ValueError(f"unknown feature mode {mode!r} (expected 'zh' or 'zch')")
-    return _HIDDEN_PARTS[mode]

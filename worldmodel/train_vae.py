@@ -288,19 +288,17 @@ def encode_new_episodes(run: Run, skip_bad: bool = False, progress: bool = True)
 
     with _threads(run.cfg.vae.threads or _available_cores()):
         written, kept = encode_latents(run, vae, episodes, frames_of, run.cfg.vae.batch_size, device, progress)
-    current = {p.name for p in episodes if p not in skipped}
-    orphans = [p for p in list_latents(run.latents_dir) if p.name not in current]
-    for p in orphans:
-        p.unlink()
-    frames = sum(len(load_episode(p, keys=("done",))["done"]) for p in episodes if p not in skipped)
+    used = [p for p in episodes if p not in skipped]
+    removed = remove_orphan_latents(run, used)
+    frames = sum(len(load_episode(p, keys=("done",))["done"]) for p in used)
     return {"frames": int(frames),
             "skipped_episodes": len(skipped), "latents_written": written, "latents_kept": kept,
-            "latents_removed": len(orphans)}
+            "latents_removed": removed}
 
 
-def remove_orphan_latents(run: Run, frames: FrameSet) -> int:
-    """Delete latent files whose episode is gone or was skipped as unreadable; returns how many."""
-    current = {ep.name for ep in frames.episodes}
+def remove_orphan_latents(run: Run, episodes: Sequence[Path]) -> int:
+    """Delete latent files whose episode is not in ``episodes`` (gone, or skipped as unreadable)."""
+    current = {ep.name for ep in episodes}
     orphans = [p for p in list_latents(run.latents_dir) if p.name not in current]
     for p in orphans:
         p.unlink()
@@ -372,7 +370,7 @@ def _train_vae(run: Run, skip_bad: bool, progress: bool) -> dict:
         save_vae(run.vae_path, vae)
     written, kept = encode_latents(run, vae, frames.episodes, frames.episode_frames, cfg.batch_size, device,
                                    progress)
-    removed = remove_orphan_latents(run, frames)
+    removed = remove_orphan_latents(run, frames.episodes)
     plot_run(run, stages=("vae",))
     return {
         "epochs": cfg.epochs,
