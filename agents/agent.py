@@ -45,7 +45,7 @@ class Agent:
                 raise UserError(f"{run_dir}/{name}: not found; run `python run.py {what}` first")
         vae = load_vae(run_dir / "vae.pt", cfg.vae.z_dim, device)
         m = load_m(run_dir / "m.pt", cfg, z_dim=cfg.vae.z_dim, device=device)
-        spec = ControllerSpec.for_env(cfg.env.name, m.feature_dim(cfg.controller.features))
+        spec = ControllerSpec.for_config(cfg, m)
         if params is None:
             path = run_dir / "controller.pt"
             if not path.exists():

@@ -162,7 +162,7 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
     if settings.reward == "model" and getattr(m, "predict_reward", True) is False:
         raise UserError(f"config env.name {cfg.env.name!r}: the dream's reward comes from M's reward head, "
                         "but M was trained with model.predict_reward=false")
-    spec = ControllerSpec.for_env(cfg.env.name, m.feature_dim(settings.features))
+    spec = ControllerSpec.for_config(cfg, m)
 
     state_path = run.path(STATE_FILE)
     if state_path.exists():

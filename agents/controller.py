@@ -60,6 +60,11 @@ class ControllerSpec:
             raise UserError(f"controller: unknown environment {env_name!r} (known: {', '.join(ACTION_DIMS)})")
         return cls(env=env_name, feature_dim=int(feature_dim), action_dim=ACTION_DIMS[env_name])
 
+    @classmethod
+    def for_config(cls, cfg, m) -> ControllerSpec:
+        """The controller of a run: its env's actions on the features M gives for ``controller.features``."""
+        return cls.for_env(cfg.env.name, m.feature_dim(cfg.controller.features))
+
     @property
     def num_params(self) -> int:
         """P = A * F + A."""

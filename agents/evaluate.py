@@ -127,7 +127,7 @@ def dream_score(run: Run, episodes: int, seed: int) -> dict:
 
     m = load_world_model(run)
     settings = DreamSettings.from_config(run.cfg)
-    spec = ControllerSpec.for_env(run.cfg.env.name, m.feature_dim(settings.features))
+    spec = ControllerSpec.for_config(run.cfg, m)
     params, _ = load_controller(run.controller_path, expected_params=spec.num_params)
     generator = torch.Generator().manual_seed(seed)
     z0 = sample_start_z(load_start_latents(run), episodes, generator)

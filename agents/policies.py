@@ -27,19 +27,25 @@ class RandomPolicy:
 
 
 class HeldRandomPolicy(RandomPolicy):
-    """A uniform random action held for 1-10 steps, as the original collected TakeCover."""
+    """A uniform random action held for 1-10 steps, as the original collected TakeCover.
 
-    def __init__(self, action_space: spaces.Box, hold_min: int, hold_max: int):
+    With ``lean`` > 0 each episode also draws a bias b ~ U(-lean, lean) that is added to
+    every action (then clipped): a leaning episode drifts to one side and stays near the
+    wall, states that unbiased random play rarely visits and a dream must know about.
+    """
+
+    def __init__(self, action_space: spaces.Box, hold_min: int, hold_max: int, lean: float = 0.0):
         super().__init__(action_space)
-        self.hold_min, self.hold_max = hold_min, hold_max
+        self.hold_min, self.hold_max, self.lean = hold_min, hold_max, lean
 
     def reset(self, rng: np.random.Generator) -> None:
         super().reset(rng)
         self.left = 0
+        self.bias = rng.uniform(-self.lean, self.lean) if self.lean > 0 else 0.0
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         if self.left == 0:
-            self.action = super().act(obs)
+            self.action = np.clip(super().act(obs) + self.bias, self.low, self.high).astype(np.float32)
             self.left = int(self.rng.integers(self.hold_min, self.hold_max + 1))
         self.left -= 1
         return self.action
@@ -71,22 +77,25 @@ class RoadFollowingPolicy(RandomPolicy):
 
     Steering aims at the mean column of grey road pixels a little ahead of the car,
     plus an Ornstein-Uhlenbeck noise whose scale is drawn per episode (from careful
-    driving to swerving onto the grass and back). Gas follows its own OU process and
-    the brake fires in random pulses, both blind to the frame, so neither gives away
-    the reward to M.
+    driving to swerving onto the grass and back). Gas follows its own OU process around
+    a level drawn per episode from ``gas_levels`` (slow and tidy to fast, skidding off in
+    corners and steering back), and the brake fires in random pulses: both blind to the
+    frame, so neither gives away the reward to M, and M sees full gas fail as well as pay.
     """
 
     LOOK_AHEAD = slice(34, 46)  # rows of the 64x64 frame ahead of the car (at row ~52)
     CAR_COLUMN = 32.0
 
-    def __init__(self, action_space: spaces.Box, noise_max: float = 0.6):
+    def __init__(self, action_space: spaces.Box, noise_max: float = 0.6,
+                 gas_levels: tuple[float, float] = (0.1, 0.8)):
         super().__init__(action_space)
-        self.noise_max = noise_max
+        self.noise_max, self.gas_levels = noise_max, gas_levels
 
     def reset(self, rng: np.random.Generator) -> None:
         super().reset(rng)
         self.noise_scale = rng.uniform(0.05, self.noise_max)
-        self.steer_noise, self.gas, self.brake_left = 0.0, 0.3, 0
+        self.level = rng.uniform(*self.gas_levels)
+        self.steer_noise, self.gas, self.brake_left = 0.0, self.level, 0
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         o = obs[self.LOOK_AHEAD].astype(np.int16)
@@ -96,7 +105,7 @@ class RoadFollowingPolicy(RandomPolicy):
         target = columns.mean() if columns.size else self.CAR_COLUMN
         self.steer_noise += -0.15 * self.steer_noise + 0.3 * self.noise_scale * self.rng.standard_normal()
         steer = np.clip((target - self.CAR_COLUMN) / 8.0 + self.steer_noise, -1.0, 1.0)
-        self.gas = float(np.clip(self.gas + 0.1 * (0.3 - self.gas) + 0.08 * self.rng.standard_normal(), 0, 1))
+        self.gas = float(np.clip(self.gas + 0.1 * (self.level - self.gas) + 0.08 * self.rng.standard_normal(), 0, 1))
         if self.brake_left == 0 and self.rng.random() < 0.01:
             self.brake_left = int(self.rng.integers(3, 15))
         brake = 0.6 if self.brake_left else 0.0
@@ -108,7 +117,7 @@ def make_policy(cfg: CollectConfig, action_space: spaces.Box) -> RandomPolicy:
     if cfg.policy == "random":
         return RandomPolicy(action_space)
     if cfg.policy == "held_random":
-        return HeldRandomPolicy(action_space, cfg.hold_min, cfg.hold_max)
+        return HeldRandomPolicy(action_space, cfg.hold_min, cfg.hold_max, cfg.lean)
     if cfg.policy == "brownian":
         return BrownianPolicy(action_space, cfg.brownian_dt)
     if cfg.policy == "road":

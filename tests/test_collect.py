@@ -216,3 +216,46 @@ def test_road_policy_drives_the_car():
     env.close()
     assert totals["road"] > 50.0
     assert totals["road"] > totals["random"] + 40.0
+
+
+def test_leaning_held_random_reaches_one_side_and_zero_lean_is_unchanged():
+    """lean > 0 biases whole episodes to one side; lean = 0 draws exactly the old actions."""
+    from gymnasium import spaces
+
+    from agents.policies import HeldRandomPolicy
+
+    space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def actions(policy, seed, steps=400):
+        policy.reset(np.random.default_rng(seed))
+        return np.concatenate([policy.act(None) for _ in range(steps)])
+
+    plain = [actions(HeldRandomPolicy(space, 1, 10), s) for s in range(40)]
+    leaning = [actions(HeldRandomPolicy(space, 1, 10, lean=1.0), s) for s in range(40)]
+    assert np.array_equal(plain[0], actions(HeldRandomPolicy(space, 1, 10, lean=0.0), 0))
+    assert all(np.all((a >= -1) & (a <= 1)) for a in leaning)
+    def drift(a):  # share of "right" minus share of "left" presses (TakeCover's thirds)
+        return abs(np.mean(a > 1 / 3) - np.mean(a < -1 / 3))
+
+    assert max(drift(a) for a in plain) < 0.25
+    assert np.mean([drift(a) > 0.5 for a in leaning]) > 0.25  # many leaning episodes mostly press one way
+
+
+def test_road_policy_gas_level_varies_by_episode_not_by_frame():
+    """Each episode drives at its own gas level, drawn from its seed; the frame never moves the gas."""
+    from gymnasium import spaces
+
+    from agents.policies import RoadFollowingPolicy
+
+    space = spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))  # CarRacing's
+    frames = np.random.default_rng(0).integers(0, 256, (300, 64, 64, 3), dtype=np.uint8)
+
+    def gas(seed, frames):
+        policy = RoadFollowingPolicy(space)
+        policy.reset(np.random.default_rng(seed))
+        return np.array([policy.act(f)[1] for f in frames])
+
+    levels = [gas(s, frames)[100:].mean() for s in range(12)]
+    assert max(levels) - min(levels) > 0.3  # slow and fast episodes
+    assert np.array_equal(gas(5, frames), gas(5, frames[::-1]))  # same seed, other frames: same gas
+

@@ -44,6 +44,7 @@ class CollectConfig:
                      doc="exploration policy (agents/policies.py)")
     hold_min: int = _f(1, low=1, doc="held_random: shortest hold of an action")
     hold_max: int = _f(10, low=1, doc="held_random: longest hold of an action")
+    lean: float = _f(0.0, low=0.0, doc="held_random: each episode adds a bias ~ U(-lean, lean) to its actions")
     brownian_dt: float = _f(0.02, low=0.0, doc="brownian: step size of the action random walk")
     workers: Optional[int] = _f(None, low=1, doc="worker processes; null = one per core")
     seed: int = _f(0, low=0, doc="base seed; episode i uses a seed derived from it and i")
