@@ -79,25 +79,33 @@ class RoadFollowingPolicy(RandomPolicy):
     plus an Ornstein-Uhlenbeck noise whose scale is drawn per episode (from careful
     driving to swerving onto the grass and back). Gas follows its own OU process around
     a level drawn per episode from ``gas_levels`` (slow and tidy to fast, skidding off in
-    corners and steering back), and the brake fires in random pulses: both blind to the
-    frame, so neither gives away the reward to M, and M sees full gas fail as well as pay.
+    corners and steering back), and the brake fires in random pulses.
+
+    Now and then (a per-step chance drawn per episode from [0, ``wander_max``]) the driver
+    lets go for 20-100 steps: all three actions follow a random walk over the whole action
+    box (full brake to a standstill, full gas, hard steering onto the grass), then road
+    following takes over again and steers back.  Gas, brake and wandering are blind to the
+    frame, so none gives away the reward to M, and M sees every corner of the action box
+    earn (or not earn) its reward: a dream-trained controller's actions saturate.
     """
 
     LOOK_AHEAD = slice(34, 46)  # rows of the 64x64 frame ahead of the car (at row ~52)
     CAR_COLUMN = 32.0
+    WANDER_STEP = 0.2  # std of the random walk's step per frame
 
     def __init__(self, action_space: spaces.Box, noise_max: float = 0.6,
-                 gas_levels: tuple[float, float] = (0.1, 0.8)):
+                 gas_levels: tuple[float, float] = (0.1, 0.8), wander_max: float = 0.01):
         super().__init__(action_space)
-        self.noise_max, self.gas_levels = noise_max, gas_levels
+        self.noise_max, self.gas_levels, self.wander_max = noise_max, gas_levels, wander_max
 
     def reset(self, rng: np.random.Generator) -> None:
         super().reset(rng)
         self.noise_scale = rng.uniform(0.05, self.noise_max)
         self.level = rng.uniform(*self.gas_levels)
-        self.steer_noise, self.gas, self.brake_left = 0.0, self.level, 0
+        self.wander_rate = rng.uniform(0.0, self.wander_max)
+        self.steer_noise, self.gas, self.brake_left, self.wander_left = 0.0, self.level, 0, 0
 
-    def act(self, obs: np.ndarray) -> np.ndarray:
+    def _follow(self, obs: np.ndarray) -> np.ndarray:
         o = obs[self.LOOK_AHEAD].astype(np.int16)
         grey = (abs(o[..., 0] - o[..., 1]) < 12) & (abs(o[..., 1] - o[..., 2]) < 12)
         road = grey & (o[..., 0] > 80) & (o[..., 0] < 140)
@@ -111,6 +119,17 @@ class RoadFollowingPolicy(RandomPolicy):
         brake = 0.6 if self.brake_left else 0.0
         self.brake_left = max(0, self.brake_left - 1)
         return np.array([steer, self.gas, brake], np.float32)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action = self._follow(obs)  # runs every step, so the OU states stay in step
+        if self.wander_left == 0 and self.rng.random() < self.wander_rate:
+            self.wander_left, self.wander = int(self.rng.integers(20, 101)), action
+        if self.wander_left == 0:
+            return action
+        self.wander_left -= 1
+        step = self.WANDER_STEP * self.rng.standard_normal(action.shape)
+        self.wander = np.clip(self.wander + step, self.low, self.high).astype(np.float32)
+        return self.wander
 
 
 def make_policy(cfg: CollectConfig, action_space: spaces.Box) -> RandomPolicy:

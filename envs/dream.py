@@ -230,14 +230,20 @@ class DreamEnv(gym.Env):
 
 
 def load_world_model(run: Run, device: str | torch.device = "cpu") -> WorldModel:
-    """M from ``run.m_path`` (written by ``python run.py train-rnn``)."""
+    """The dream's M: ``run.m_path`` (written by ``python run.py train-rnn``), or, with
+    ``model.ensemble`` > 1, all the members behind one :class:`worldmodel.ensemble.Ensemble`."""
     from envs import action_dim
+    from worldmodel.ensemble import Ensemble
     from worldmodel.train_m import load_m
 
-    if not run.m_path.exists():
-        raise UserError(f"{run.m_path}: no M; run `python run.py train-rnn` first")
-    return load_m(run.m_path, run.cfg, z_dim=run.cfg.vae.z_dim, action_dim=action_dim(run.cfg.env.name),
-                  device=device)
+    members = []
+    for k in range(run.cfg.model.ensemble):
+        path = run.member_path(k)
+        if not path.exists():
+            raise UserError(f"{path}: no M; run `python run.py train-rnn` first")
+        members.append(load_m(path, run.cfg, z_dim=run.cfg.vae.z_dim,
+                              action_dim=action_dim(run.cfg.env.name), device=device))
+    return members[0] if len(members) == 1 else Ensemble(members, run.cfg.cmaes.disagreement).to(device)
 
 
 def make_dream_env(run: Run | str | os.PathLike, temperature: float | None = None,

@@ -259,3 +259,25 @@ def test_road_policy_gas_level_varies_by_episode_not_by_frame():
     assert max(levels) - min(levels) > 0.3  # slow and fast episodes
     assert np.array_equal(gas(5, frames), gas(5, frames[::-1]))  # same seed, other frames: same gas
 
+
+def test_road_policy_wanders_over_the_whole_action_box():
+    """Wandering reaches full brake and full steering, which road following alone never does."""
+    from gymnasium import spaces
+
+    from agents.policies import RoadFollowingPolicy
+
+    space = spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))
+    frames = np.random.default_rng(0).integers(0, 256, (400, 64, 64, 3), dtype=np.uint8)
+
+    def actions(wander_max):
+        out = []
+        for seed in range(6):
+            policy = RoadFollowingPolicy(space, wander_max=wander_max)
+            policy.reset(np.random.default_rng(seed))
+            out += [policy.act(f) for f in frames]
+        return np.array(out)
+
+    calm, wild = actions(0.0), actions(0.05)
+    assert calm[:, 2].max() <= 0.6  # only the fixed brake pulses
+    assert wild[:, 2].max() > 0.95 and abs(wild[:, 0]).max() > 0.99
+    assert np.all((wild >= space.low) & (wild <= space.high))

@@ -87,6 +87,8 @@ class ModelConfig:
     tdvae_pairs: int = _f(16, low=1, doc="tdvae: (t1, t2) pairs sampled per sequence per batch")
     val_fraction: float = _f(0.05, low=0.0, high=0.5)
     seed: int = _f(0, low=0)
+    ensemble: int = _f(1, low=1, doc="M's trained from seeds seed, seed+1, ...; the dream's reward is "
+                                      "their mean less cmaes.disagreement x their spread")
 
 
 @dataclass
@@ -104,6 +106,8 @@ class CMAESConfig:
     sigma0: float = _f(0.1, low=0.0)
     temperature: float = _f(1.15, low=0.0, doc="tau: mixture logits / tau, sigma * sqrt(tau)")
     max_steps: int = _f(2100, low=1, doc="dream length cap")
+    disagreement: float = _f(0.0, low=0.0, doc="lambda: dream reward = members' mean - lambda * their "
+                                                "std (model.ensemble > 1; worldmodel/ensemble.py)")
     done: str = _f("threshold", choices=("threshold", "sample"),
                    doc="how M's calibrated P(done) ends a dream: P > done_threshold, or a Bernoulli sample")
     done_threshold: float = _f(0.1, low=0.0, high=1.0,
@@ -272,6 +276,9 @@ def validate(cfg: Config) -> None:
         raise UserError(
             f"config collect.hold_min: {cfg.collect.hold_min} is above collect.hold_max {cfg.collect.hold_max}"
         )
+    if cfg.cmaes.disagreement > 0 and (cfg.model.ensemble < 2 or not cfg.model.predict_reward):
+        raise UserError(f"config cmaes.disagreement: {cfg.cmaes.disagreement} needs model.ensemble >= 2 "
+                        f"(is {cfg.model.ensemble}) and model.predict_reward: true (is {cfg.model.predict_reward})")
 
 
 # ----------------------------------------------------------------- files and overrides

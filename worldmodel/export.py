@@ -31,7 +31,8 @@ def _half(obj):
 def export_run(run: Run, out: str | Path, episodes: int = 2) -> dict:
     """Copy the trained agent of ``run`` into ``out`` (which must not hold another agent)."""
     out = Path(out)
-    needed = [run.vae_path, run.m_path, run.controller_path]
+    members = [run.member_path(k) for k in range(run.cfg.model.ensemble)]  # watch dreams with all
+    needed = [run.vae_path, *members, run.controller_path]
     for path in needed:
         if not path.exists():
             raise UserError(f"{path}: not found; train the run before exporting it")
@@ -43,7 +44,7 @@ def export_run(run: Run, out: str | Path, episodes: int = 2) -> dict:
     (out / "episodes").mkdir(parents=True)
     (out / "latents").mkdir()
     shutil.copyfile(run.path("config.yaml"), out / "config.yaml")
-    for path in (run.vae_path, run.m_path):
+    for path in (run.vae_path, *members):
         save_checkpoint(out / path.name, _half(load_checkpoint(path)))
     shutil.copyfile(run.controller_path, out / run.controller_path.name)
     for path in latents:

@@ -51,6 +51,10 @@ class Run:
     def m_path(self) -> Path:
         return self.dir / "m.pt"
 
+    def member_path(self, k: int) -> Path:
+        """M number k of an ensemble (``model.ensemble``): m.pt, then m1.pt, m2.pt, ..."""
+        return self.m_path if k == 0 else self.dir / f"m{k}.pt"
+
     @property
     def controller_path(self) -> Path:
         return self.dir / "controller.pt"

@@ -157,9 +157,14 @@ def done_quality(m: WorldModel, data: Latents, threshold: float, device: torch.d
 
 # ----------------------------------------------------------------- training
 
-def _load_resume(run: Run, m: WorldModel, opt: torch.optim.Optimizer, data: Latents) -> int:
-    """Restore M, Adam and RNG from ``m_ckpt.pt``; returns the epochs already done (0 if none)."""
-    path = run.dir / CKPT_NAME
+def _ckpt_path(run: Run, member: int):
+    """m_ckpt.pt for M (the ensemble's first member), m1_ckpt.pt, m2_ckpt.pt, ... for the others."""
+    return run.dir / (CKPT_NAME if member == 0 else f"m{member}_ckpt.pt")
+
+
+def _load_resume(run: Run, m: WorldModel, opt: torch.optim.Optimizer, data: Latents, member: int) -> int:
+    """Restore M, Adam and RNG from its checkpoint; returns the epochs already done (0 if none)."""
+    path = _ckpt_path(run, member)
     if not path.exists():
         return 0
     ckpt = load_checkpoint(path)
@@ -176,8 +181,8 @@ def _load_resume(run: Run, m: WorldModel, opt: torch.optim.Optimizer, data: Late
     return int(ckpt["epoch"])
 
 
-def _save_resume(run: Run, m: WorldModel, opt: torch.optim.Optimizer, epoch: int) -> None:
-    save_checkpoint(run.dir / CKPT_NAME, {
+def _save_resume(run: Run, m: WorldModel, opt: torch.optim.Optimizer, epoch: int, member: int) -> None:
+    save_checkpoint(_ckpt_path(run, member), {
         "model": {k: v.detach().cpu() for k, v in m.state_dict().items()},
         "optimizer": opt.state_dict(),
         "epoch": epoch,
@@ -205,7 +210,9 @@ def _evaluate(m: WorldModel, train: Latents, val: Latents | None, cfg: Config,
 def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
     """Train M on the run's latents, resuming from ``m_ckpt.pt``; writes ``m.pt``.
 
-    Returns a summary: epochs done, last validation terms and done-head quality.
+    With ``model.ensemble`` = K > 1, K-1 more M's follow from seeds ``model.seed`` + k
+    (``m1.pt`` ...; worldmodel/ensemble.py).  Returns the first M's summary: epochs done,
+    last validation terms and done-head quality.
     """
     cfg = run.cfg
     device = resolve_device(cfg.system.device)
@@ -214,33 +221,41 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
     train_ids, val_ids = split_episodes(data.n_episodes, cfg.model.val_fraction, cfg.model.seed)
     train, val = data.subset(train_ids), (data.subset(val_ids) if len(val_ids) else None)
     del data
+    summaries = [_train_member(run, k, train, val, device) for k in range(cfg.model.ensemble)]
+    plot_run(run, stages=("m",))
+    print(_format_done(summaries[0]))
+    return summaries[0]
 
-    torch.manual_seed(cfg.model.seed)
+
+def _train_member(run: Run, member: int, train: Latents, val: Latents | None,
+                  device: torch.device) -> dict[str, Any]:
+    cfg = run.cfg
+    seed = cfg.model.seed + member
+    torch.manual_seed(seed)
     m = build_m(cfg, train.z_dim, train.action_dim).to(device)
     opt = torch.optim.Adam(m.parameters(), lr=cfg.model.lr)
-    done_epochs = _load_resume(run, m, opt, train)
-    metrics_path = run.metrics_path("m")
+    done_epochs = _load_resume(run, m, opt, train, member)
+    metrics_path = run.metrics_path("m" if member == 0 else f"m{member}")
+    name = "" if member == 0 else f" (ensemble member {member})"
     record: dict[str, Any] = {}
     for epoch in range(done_epochs + 1, cfg.model.epochs + 1):
         t0 = time.time()
-        rng = np.random.default_rng([cfg.model.seed, epoch])
+        rng = np.random.default_rng([seed, epoch])
         terms = _pass(m, train, train.sample_z(rng), cfg, device, rng, opt,
-                      desc=f"train-rnn epoch {epoch}/{cfg.model.epochs}")
+                      desc=f"train-rnn{name} epoch {epoch}/{cfg.model.epochs}")
         record = {"epoch": epoch, **{f"train/{k}": v for k, v in terms.items()}}
         record.update(_evaluate(m, train, val, cfg, device))
         record["seconds"] = time.time() - t0
         append_jsonl(metrics_path, record)
-        _save_resume(run, m, opt, epoch)
-        print(_format(record))
+        _save_resume(run, m, opt, epoch, member)
+        print(_format(record) + name)
     if not record:  # nothing left to train: report the stored model
         record = {"epoch": done_epochs, **_evaluate(m, train, val, cfg, device)}
-    save_m(run.m_path, m, dataclasses.asdict(cfg.model))
-    summary = {"m_path": str(run.m_path), "train_episodes": train.n_episodes,
-               "val_episodes": val.n_episodes if val is not None else 0, **record}
-    plot_run(run, stages=("m",))
-    print(f"M saved to {run.m_path}")
-    print(_format_done(summary))
-    return summary
+    path = run.member_path(member)
+    save_m(path, m, dataclasses.asdict(cfg.model))
+    print(f"M saved to {path}")
+    return {"m_path": str(path), "train_episodes": train.n_episodes,
+            "val_episodes": val.n_episodes if val is not None else 0, **record}
 
 
 def _fmt(x: Any) -> str:

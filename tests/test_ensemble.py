@@ -1,0 +1,104 @@
+"""The ensemble of M's: the first member dreams, the reward is the members' mean less λ × spread."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_dream import FakeM, bias_params, starts_for, tiny_mdnrnn
+from test_train_m import _run
+
+from agents.controller import ControllerSpec
+from envs.dream import DreamSettings, dream_rollouts, load_world_model
+from worldmodel.ensemble import Ensemble
+from worldmodel.errors import UserError
+from worldmodel.io import read_jsonl
+from worldmodel.train_m import train_m
+
+
+class ScaledM(FakeM):
+    """FakeM whose predicted reward is ``scale`` × a_0."""
+
+    def __init__(self, scale: float, short: int = 3, long: int = 7):
+        super().__init__(short=short, long=long)
+        self.scale = scale
+
+    def imagine_step(self, state, z, action, temperature, generator=None, noise=None):
+        state, z_next, r, done = super().imagine_step(state, z, action, temperature, generator, noise)
+        return state, z_next, self.scale * r, done
+
+
+def test_one_member_dreams_exactly_as_the_member():
+    m = tiny_mdnrnn()
+    spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))  # one action, as tiny_mdnrnn
+    params = torch.randn(6, spec.num_params, generator=torch.Generator().manual_seed(0)) * 0.3
+    z0 = starts_for(4, 6)[:, 0]
+    settings = DreamSettings(max_steps=30, reward="model", done_threshold=0.5)
+    alone = dream_rollouts(m, params, spec, z0, settings, torch.Generator().manual_seed(3))
+    ensemble = dream_rollouts(Ensemble([m], disagreement=2.0), params, spec, z0, settings,
+                              torch.Generator().manual_seed(3))
+    assert torch.equal(alone.lengths, ensemble.lengths)
+    torch.testing.assert_close(alone.returns, ensemble.returns)
+
+
+def test_reward_is_mean_less_lambda_std_and_the_first_member_ends_the_dream():
+    # rewards a and 3a: mean 2a, population std a; the second member alone would end every dream at step 2.
+    members = [ScaledM(1.0, short=3, long=7), ScaledM(3.0, short=2, long=2)]
+    ensemble = Ensemble(members, disagreement=0.5)
+    spec = ControllerSpec.for_env("takecover", ensemble.feature_dim("zh"))
+    params = bias_params(spec, [1.0, -1.0, 1.0])
+    res = dream_rollouts(ensemble, params, spec, torch.zeros(3, 3), DreamSettings(max_steps=20, reward="model"))
+    assert res.lengths.tolist() == [7, 3, 7]
+    a = math.tanh(1.0)
+    np.testing.assert_allclose(res.returns.numpy(), [7 * 1.5 * a, -3 * 2.5 * a, 7 * 1.5 * a], rtol=1e-6)
+    # Each member's state shrinks with the batch as dreams end.
+    assert members[0].batch_sizes == members[1].batch_sizes == [3] * 3 + [2] * 4
+
+
+def test_features_and_noise_are_the_first_members():
+    members = [tiny_mdnrnn(seed=0), tiny_mdnrnn(seed=1)]
+    ensemble = Ensemble(members)
+    state = ensemble.initial_state(2)
+    z, a = torch.randn(2, 4), torch.zeros(2, 1)
+    state = ensemble.observe(state, z, a)
+    first = members[0].observe(members[0].initial_state(2), z, a)
+    torch.testing.assert_close(ensemble.features(state, z, "zh"), members[0].features(first, z, "zh"))
+    assert ensemble.feature_dim("zch") == members[0].feature_dim("zch")
+    with pytest.raises(TypeError):
+        ensemble.loss({})
+
+
+def test_train_m_trains_every_member_and_the_dream_loads_them(tmp_path):
+    run = _run(tmp_path, overrides=["model.ensemble=3", "model.epochs=1", "cmaes.disagreement=1.0",
+                                    "model.predict_reward=true", "env.name=carracing"])
+    train_m(run)
+    paths = [run.member_path(k) for k in range(3)]
+    assert [p.name for p in paths] == ["m.pt", "m1.pt", "m2.pt"] and all(p.exists() for p in paths)
+    assert all((run.dir / name).exists() for name in ("m_ckpt.pt", "m1_ckpt.pt", "m2_ckpt.pt"))
+    assert len(read_jsonl(run.metrics_path("m1"))) == 1 and len(read_jsonl(run.metrics_path("m"))) == 1
+    weights = [torch.load(p, weights_only=True)["state_dict"] for p in paths]
+    assert not torch.equal(weights[0]["head.weight"], weights[1]["head.weight"])  # different seeds
+    m = load_world_model(run)
+    assert isinstance(m, Ensemble) and len(m.members) == 3 and m.disagreement == 1.0
+    paths[2].unlink()
+    with pytest.raises(UserError, match="m2.pt"):
+        load_world_model(run)
+
+
+def test_disagreement_needs_an_ensemble_with_a_reward_head(tmp_path):
+    with pytest.raises(UserError, match="cmaes.disagreement"):
+        _run(tmp_path, overrides=["cmaes.disagreement=1.0"])
+
+
+def test_export_copies_every_member(tmp_path):
+    from worldmodel.export import export_run
+
+    run = _run(tmp_path, overrides=["model.ensemble=2", "model.epochs=1"])
+    train_m(run)
+    run.controller_path.write_bytes(b"controller")  # export copies it as it is
+    out = tmp_path / "agent"
+    export_run(run, out, episodes=1)
+    member = torch.load(out / "m1.pt", weights_only=True)["state_dict"]
+    assert (out / "m.pt").exists() and member["head.weight"].dtype == torch.float16

@@ -1,0 +1,88 @@
+"""An ensemble of M's for the dream: the first member dreams, all of them judge the reward.
+
+A controller evolved in one M's dream finds the places where that M is wrong in its
+favour: CarRacing's reward head, asked about actions and states the data never held,
+pays for standing on the brake or flooring the gas.  M's trained on the same data from
+different seeds agree where the data is dense and disagree where it is thin, so the
+dream pays
+
+    r = mean_k r_k - λ · std_k r_k,
+
+the members' mean reward less ``cmaes.disagreement`` (λ) times their spread: an
+uncertainty penalty in the manner of model-based offline RL (MOPO, Yu et al. 2020).
+
+Only the first member (``m.pt``) moves the dream: its z sample, its done probability
+and its features for the controller, exactly as without an ensemble; the others
+(``m1.pt``, ``m2.pt``, ...) follow the same z's and actions with their own states, and
+only their rewards are used.  In the real game the agent needs the first member alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worldmodel.m import State, WorldModel
+
+
+class Ensemble(WorldModel):
+    """K M's behind the :class:`WorldModel` interface of the dream (not trainable as one)."""
+
+    def __init__(self, members: list[WorldModel], disagreement: float = 0.0):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = torch.nn.ModuleList(members)
+        self.disagreement = float(disagreement)
+        self.z_dim, self.action_dim = members[0].z_dim, members[0].action_dim
+        self.predict_reward = all(getattr(m, "predict_reward", True) for m in members)
+        self._sizes = [len(m.initial_state(1)) for m in members]
+
+    @classmethod
+    def from_config(cls, cfg, z_dim: int, action_dim: int) -> Ensemble:
+        raise TypeError("an Ensemble is built from trained members (envs.dream.load_world_model)")
+
+    # The state is the members' state tensors, one after the other (all batch-first).
+    def _split(self, state: State) -> list[State]:
+        parts, start = [], 0
+        for size in self._sizes:
+            parts.append(state[start:start + size])
+            start += size
+        return parts
+
+    def initial_state(self, batch_size: int) -> State:
+        return tuple(s for m in self.members for s in m.initial_state(batch_size))
+
+    def feature_dim(self, mode: str) -> int:
+        return self.members[0].feature_dim(mode)
+
+    def features(self, state: State, z: torch.Tensor, mode: str) -> torch.Tensor:
+        return self.members[0].features(self._split(state)[0], z, mode)
+
+    def observe(self, state: State, z: torch.Tensor, action: torch.Tensor) -> State:
+        return tuple(s for m, part in zip(self.members, self._split(state))
+                     for s in m.observe(part, z, action))
+
+    def sample_noise(self, batch_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        return self.members[0].sample_noise(batch_size, generator)
+
+    def imagine_step(self, state: State, z: torch.Tensor, action: torch.Tensor, temperature: float,
+                     generator: torch.Generator | None = None,
+                     noise: tuple[torch.Tensor, ...] | None = None):
+        if noise is None and temperature > 0:
+            noise = self.sample_noise(z.shape[0], generator)
+        parts = self._split(state)
+        first_state, z_next, reward, done = self.members[0].imagine_step(parts[0], z, action, temperature,
+                                                                        noise=noise)
+        new_state, rewards = list(first_state), [reward]
+        for m, part in zip(self.members[1:], parts[1:]):
+            # The others only need their state and reward: no sample of their own.
+            s, _, r, _ = m.imagine_step(part, z, action, 0.0)
+            new_state += list(s)
+            rewards.append(r)
+        if len(rewards) > 1:
+            stacked = torch.stack(rewards)
+            reward = stacked.mean(0) - self.disagreement * stacked.std(0, unbiased=False)
+        return tuple(new_state), z_next, reward, done
+
+    def loss(self, batch):
+        raise TypeError("train the members one by one (worldmodel.train_m); an Ensemble only dreams")
