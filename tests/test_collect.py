@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, SMOKE
+from gymnasium import spaces
 
 import envs
 from agents.collect import collect, episode_seed
@@ -19,6 +20,7 @@ from agents.workers import WorkerError, run_tasks
 from worldmodel.episodes import KEYS, list_episodes, load_episode, read_manifest
 
 STEPS = 40
+CARRACING_ACTIONS = spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))
 KILL_EPISODES = 16
 
 
@@ -220,8 +222,6 @@ def test_road_policy_drives_the_car():
 
 def test_leaning_held_random_reaches_one_side_and_zero_lean_is_unchanged():
     """lean > 0 biases whole episodes to one side; lean = 0 draws exactly the old actions."""
-    from gymnasium import spaces
-
     from agents.policies import HeldRandomPolicy
 
     space = spaces.Box(-1.0, 1.0, (1,), np.float32)
@@ -234,6 +234,7 @@ def test_leaning_held_random_reaches_one_side_and_zero_lean_is_unchanged():
     leaning = [actions(HeldRandomPolicy(space, 1, 10, lean=1.0), s) for s in range(40)]
     assert np.array_equal(plain[0], actions(HeldRandomPolicy(space, 1, 10, lean=0.0), 0))
     assert all(np.all((a >= -1) & (a <= 1)) for a in leaning)
+
     def drift(a):  # share of "right" minus share of "left" presses (TakeCover's thirds)
         return abs(np.mean(a > 1 / 3) - np.mean(a < -1 / 3))
 
@@ -243,11 +244,9 @@ def test_leaning_held_random_reaches_one_side_and_zero_lean_is_unchanged():
 
 def test_road_policy_gas_level_varies_by_episode_not_by_frame():
     """Each episode drives at its own gas level, drawn from its seed; the frame never moves the gas."""
-    from gymnasium import spaces
-
     from agents.policies import RoadFollowingPolicy
 
-    space = spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))  # CarRacing's
+    space = CARRACING_ACTIONS
     frames = np.random.default_rng(0).integers(0, 256, (300, 64, 64, 3), dtype=np.uint8)
 
     def gas(seed, frames):
@@ -262,11 +261,9 @@ def test_road_policy_gas_level_varies_by_episode_not_by_frame():
 
 def test_road_policy_wanders_over_the_whole_action_box():
     """Wandering reaches full brake and full steering, which road following alone never does."""
-    from gymnasium import spaces
-
     from agents.policies import RoadFollowingPolicy
 
-    space = spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))
+    space = CARRACING_ACTIONS
     frames = np.random.default_rng(0).integers(0, 256, (400, 64, 64, 3), dtype=np.uint8)
 
     def actions(wander_max):

@@ -68,11 +68,9 @@ class Ensemble(WorldModel):
     def imagine_step(self, state: State, z: torch.Tensor, action: torch.Tensor, temperature: float,
                      generator: torch.Generator | None = None,
                      noise: tuple[torch.Tensor, ...] | None = None):
-        if noise is None and temperature > 0:
-            noise = self.sample_noise(z.shape[0], generator)
         parts = self._split(state)
         first_state, z_next, reward, done = self.members[0].imagine_step(parts[0], z, action, temperature,
-                                                                        noise=noise)
+                                                                        generator, noise)
         new_state, rewards = list(first_state), [reward]
         for m, part in zip(self.members[1:], parts[1:]):
             # The others only need their state and reward: no sample of their own.
