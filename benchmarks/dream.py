@@ -5,6 +5,8 @@ linear controller on [z, h].  Dream steps per second (one step of one dream) of:
 
 - batched: :func:`envs.dream.dream_rollouts` on the whole generation (64 × 16 = 1024
   dreams), through ``MDNRNN.imagine_step`` (the fused step);
+- batched, bfloat16: the same with the step's two matrix products in bfloat16
+  (``system.precision``; fast where the CPU has AMX or AVX-512 BF16);
 - batched, unfused: the same M stepped through ``nn.LSTM``, the heads as they are trained
   and argmax + gather (:class:`UnfusedMDNRNN`), for reference;
 - one at a time: the same function and M, one dream after another;
@@ -92,6 +94,9 @@ def bench_hidden(hidden: int, population: int, rollouts: int, steps: int, single
     m = MDNRNN.from_config(cfg, Z_DIM, ACTION_DIM).eval()
     unfused = UnfusedMDNRNN.from_config(cfg, Z_DIM, ACTION_DIM).eval()
     unfused.load_state_dict(m.state_dict())
+    low = MDNRNN.from_config(cfg, Z_DIM, ACTION_DIM).eval()
+    low.load_state_dict(m.state_dict())
+    low.set_dream_precision(torch.bfloat16)
     spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
     n = population * rollouts
     g = torch.Generator().manual_seed(0)
@@ -108,7 +113,7 @@ def bench_hidden(hidden: int, population: int, rollouts: int, steps: int, single
             dream_rollouts(m, params[i: i + 1], spec, z0[i: i + 1], settings, g)
 
     gemm_reps = 10
-    variants = {"batched": batched(m), "batched_unfused": batched(unfused),
+    variants = {"batched": batched(m), "batched_bf16": batched(low), "batched_unfused": batched(unfused),
                 "one_at_a_time": one_at_a_time, "gemm": gemm_round(n, hidden, gemm_reps)}
     for fn in variants.values():  # warm up
         fn()
@@ -116,14 +121,16 @@ def bench_hidden(hidden: int, population: int, rollouts: int, steps: int, single
     for _ in range(rounds):
         for name, fn in variants.items():
             best[name] = min(best[name], seconds(fn))
-    counts = {"batched": n * steps, "batched_unfused": n * steps, "one_at_a_time": single * steps}
+    counts = {"batched": n * steps, "batched_bf16": n * steps, "batched_unfused": n * steps,
+              "one_at_a_time": single * steps}
     rate = {name: counts[name] / best[name] for name in counts}
     flops = step_flops(hidden, spec.feature_dim)
     flop_s = n * gemm_reps * (flops["lstm"] + flops["heads"]) / best["gemm"]
     bound = flop_s / sum(flops.values())
     return {"hidden": hidden, "dreams": n, "steps": steps, **{f"{k}_steps_per_s": v for k, v in rate.items()},
             "flops_per_step": sum(flops.values()), "gemm_gflop_s": flop_s / 1e9, "bound_steps_per_s": bound,
-            "batched_vs_one": rate["batched"] / rate["one_at_a_time"], "batched_vs_bound": rate["batched"] / bound}
+            "batched_vs_one": rate["batched"] / rate["one_at_a_time"], "batched_vs_bound": rate["batched"] / bound,
+            "bf16_vs_float32": rate["batched_bf16"] / rate["batched"]}
 
 
 def main() -> None:
@@ -146,11 +153,13 @@ def main() -> None:
             print(f"\nhidden {hidden}: {r['dreams']} dreams × {r['steps']} steps, "
                   f"{r['flops_per_step'] / 1e6:.2f} MFLOP per dream step, GEMMs at {r['gemm_gflop_s']:.0f} GFLOP/s")
             print(f"  batched (fused step)        {r['batched_steps_per_s']:>10,.0f} steps/s")
+            print(f"  batched, bfloat16 products  {r['batched_bf16_steps_per_s']:>10,.0f} steps/s")
             print(f"  batched (unfused, nn.LSTM)  {r['batched_unfused_steps_per_s']:>10,.0f} steps/s")
             print(f"  one dream at a time         {r['one_at_a_time_steps_per_s']:>10,.0f} steps/s")
             print(f"  FLOP bound                  {r['bound_steps_per_s']:>10,.0f} steps/s")
             print(f"  batched / one at a time     {r['batched_vs_one']:>10.1f}x")
             print(f"  batched / bound             {100 * r['batched_vs_bound']:>10.0f}%")
+            print(f"  bfloat16 / float32          {r['bf16_vs_float32']:>10.2f}x")
 
 
 if __name__ == "__main__":

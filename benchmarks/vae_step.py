@@ -7,7 +7,10 @@ the two so that load from other processes hits both alike; the medians are
 reported.
 
     python benchmarks/vae_step.py [--steps 10] [--rounds 3] [--threads N]
-        [--channels-last] [--compile]     # variants of ours, to compare
+        [--channels-last] [--compile] [--bf16]     # variants of ours, to compare
+
+``--bf16`` runs ours under bfloat16 autocast, as ``system.precision`` does in training
+(fast where the CPU has AMX or AVX-512 BF16); plain stays float32.
 
 Results: docs/benchmarks.md, "VAE training step".
 """
@@ -73,14 +76,17 @@ def plain_step_fn(z_dim: int) -> Callable[[np.ndarray], None]:
     return step
 
 
-def our_step_fn(z_dim: int, channels_last: bool, compile_: bool) -> Callable[[np.ndarray], None]:
+def our_step_fn(z_dim: int, channels_last: bool, compile_: bool,
+                bf16: bool = False) -> Callable[[np.ndarray], None]:
     vae = ConvVAE(z_dim)
     if channels_last:
         vae = vae.to(memory_format=torch.channels_last)
     opt = make_optimizer(vae, LR)
 
     def train_step(x: torch.Tensor) -> None:
-        terms = vae_loss(x, *vae(x), KL_TOLERANCE, BETA)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            recon, mu, logvar = vae(x)
+        terms = vae_loss(x, recon.float(), mu.float(), logvar.float(), KL_TOLERANCE, BETA)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt.step()
@@ -113,13 +119,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--channels-last", action="store_true", help="ours: weights in channels_last")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile the step")
+    parser.add_argument("--bf16", action="store_true", help="ours: bfloat16 autocast (system.precision)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, (10 * args.batch, 64, 64, 3), dtype=np.uint8)
-    steps = {"ours": our_step_fn(args.z_dim, args.channels_last, args.compile),
+    steps = {"ours": our_step_fn(args.z_dim, args.channels_last, args.compile, args.bf16),
              "plain": plain_step_fn(args.z_dim)}
     for step in steps.values():
         time_steps(step, pool, args.batch, args.warmup, rng)
@@ -132,7 +139,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores, "
           f"{platform.processor() or platform.machine()}, load {load:.2f}; batch {args.batch}, "
           f"z {args.z_dim}, {args.rounds} rounds x {args.steps} steps"
-          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}")
+          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}"
+          f"{', ours in bfloat16 autocast' if args.bf16 else ''}")
     for name, r in rates.items():
         print(f"{name:6s} {statistics.median(r):8.1f} img/s  (rounds: {', '.join(f'{x:.0f}' for x in r)})")
     ratio = statistics.median(rates["ours"]) / statistics.median(rates["plain"])

@@ -37,7 +37,7 @@ from worldmodel.config import Config
 from worldmodel.errors import UserError
 from worldmodel.m import WorldModel
 from worldmodel.runs import Run, open_run
-from worldmodel.torch_utils import rand
+from worldmodel.torch_utils import rand, resolve_precision
 
 REWARD_MODES = {"takecover": "alive", "carracing": "model"}
 
@@ -243,7 +243,9 @@ def load_world_model(run: Run, device: str | torch.device = "cpu") -> WorldModel
             raise UserError(f"{path}: no M; run `python run.py train-rnn` first")
         members.append(load_m(path, run.cfg, z_dim=run.cfg.vae.z_dim,
                               action_dim=action_dim(run.cfg.env.name), device=device))
-    return members[0] if len(members) == 1 else Ensemble(members, run.cfg.cmaes.disagreement).to(device)
+    m = members[0] if len(members) == 1 else Ensemble(members, run.cfg.cmaes.disagreement).to(device)
+    m.set_dream_precision(resolve_precision(run.cfg.system.precision, device))
+    return m
 
 
 def make_dream_env(run: Run | str | os.PathLike, temperature: float | None = None,

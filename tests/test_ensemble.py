@@ -15,6 +15,7 @@ from envs.dream import DreamSettings, dream_rollouts, load_world_model
 from worldmodel.ensemble import Ensemble
 from worldmodel.errors import UserError
 from worldmodel.io import read_jsonl
+from worldmodel.torch_utils import resolve_precision
 from worldmodel.train_m import train_m
 
 
@@ -82,6 +83,10 @@ def test_train_m_trains_every_member_and_the_dream_loads_them(tmp_path):
     assert not torch.equal(weights[0]["head.weight"], weights[1]["head.weight"])  # different seeds
     m = load_world_model(run)
     assert isinstance(m, Ensemble) and len(m.members) == 3 and m.disagreement == 1.0
+    precision = resolve_precision(run.cfg.system.precision, "cpu")
+    assert all(member.dream_dtype == precision for member in m.members)
+    run.cfg.system.precision = "bfloat16"
+    assert all(member.dream_dtype == torch.bfloat16 for member in load_world_model(run).members)
     paths[2].unlink()
     with pytest.raises(UserError, match="m2.pt"):
         load_world_model(run)
@@ -102,3 +107,31 @@ def test_export_copies_every_member(tmp_path):
     export_run(run, out, episodes=1)
     member = torch.load(out / "m1.pt", weights_only=True)["state_dict"]
     assert (out / "m.pt").exists() and member["head.weight"].dtype == torch.float16
+
+
+def test_members_step_reward_by_default_through_imagine_step():
+    m = ScaledM(2.0)
+    state, z, a = m.initial_state(3), torch.zeros(3, 3), torch.tensor([[1.0], [0.5], [-1.0]])
+    expected_state, _, expected_reward, _ = m.imagine_step(state, z, a, 0.0)
+    new_state, reward = m.step_reward(state, z, a)
+    torch.testing.assert_close(reward, expected_reward)
+    assert all(torch.equal(x, y) for x, y in zip(new_state, expected_state))
+
+
+def test_mdnrnn_members_rewards_follow_the_first_members_z():
+    members = [tiny_mdnrnn(seed=0), tiny_mdnrnn(seed=1), tiny_mdnrnn(seed=2)]
+    ensemble = Ensemble(members, disagreement=0.7)
+    state, z = ensemble.initial_state(4), torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        a = torch.rand(4, 1, generator=torch.Generator().manual_seed(step)) * 2 - 1
+        parts = ensemble._split(state)
+        own = [m.imagine_step(part, z, a, 0.0) for m, part in zip(members, parts)]
+        noise = members[0].sample_noise(4, torch.Generator().manual_seed(10 + step))
+        first = members[0].imagine_step(parts[0], z, a, 1.0, noise=noise)
+        state, z_next, reward, done = ensemble.imagine_step(state, z, a, 1.0, noise=noise)
+        rewards = torch.stack([r for _, _, r, _ in own])
+        torch.testing.assert_close(reward, rewards.mean(0) - 0.7 * rewards.std(0, unbiased=False))
+        torch.testing.assert_close(z_next, first[1])
+        torch.testing.assert_close(done, first[3])
+        torch.testing.assert_close(state[2], own[1][0][0])  # member 1's h
+        z = z_next.clone()

@@ -259,3 +259,42 @@ def test_training_drives_loss_down():
     assert last["z_nll"] < first["z_nll"] - 1.5
     assert last["reward"] < 0.1 * first["reward"]
     assert last["done"] < 0.5 * first["done"]
+
+
+@pytest.mark.parametrize("predict_reward", [True, False])
+def test_step_reward_matches_imagine_step(predict_reward):
+    torch.manual_seed(0)
+    m = MDNRNN(4, 2, 8, 3, predict_reward=predict_reward).eval()
+    state = (torch.randn(5, 8), torch.randn(5, 8))
+    z, a = torch.randn(5, 4), torch.randn(5, 2)
+    (h, c), _, reward, _ = m.imagine_step(state, z, a, 1.3, torch.Generator().manual_seed(1))
+    (h2, c2), reward2 = m.step_reward(state, z, a)
+    torch.testing.assert_close(h2, h)
+    torch.testing.assert_close(c2, c)
+    torch.testing.assert_close(reward2, reward)
+    assert predict_reward or not reward2.any()
+
+
+def test_bfloat16_dream_step_stays_close_and_observe_stays_float32():
+    torch.manual_seed(0)
+    m = MDNRNN(8, 2, 32, 3, predict_reward=True).eval()
+    state = (torch.randn(64, 32) * 0.5, torch.randn(64, 32))
+    z, a = torch.randn(64, 8), torch.rand(64, 2) * 2 - 1
+    noise = m.sample_noise(64, torch.Generator().manual_seed(1))
+    full = m.imagine_step(state, z, a, 1.15, noise=noise)
+    full_reward = m.step_reward(state, z, a)
+    observed = m.observe(state, z, a)
+    m.set_dream_precision(torch.bfloat16)
+    low = m.imagine_step(state, z, a, 1.15, noise=noise)
+    assert all(t.dtype == torch.float32 for t in (*low[0], low[1], low[2], low[3]))
+    for x, y in ((low[0][0], full[0][0]), (low[0][1], full[0][1]), (low[2], full[2]), (low[3], full[3])):
+        torch.testing.assert_close(x, y, atol=0.03, rtol=0.03)
+        assert not torch.equal(x, y)  # it did multiply in bfloat16
+    # The sampled component can flip where two are nearly tied; nearly all rows agree.
+    assert (low[1] - full[1]).abs().amax(1).lt(0.1).float().mean() > 0.9
+    torch.testing.assert_close(m.step_reward(state, z, a)[1], low[2])
+    torch.testing.assert_close(m.step_reward(state, z, a)[1], full_reward[1], atol=0.03, rtol=0.03)
+    for x, y in zip(m.observe(state, z, a), observed):  # the real game: exact float32
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    m.set_dream_precision(None)
+    torch.testing.assert_close(m.imagine_step(state, z, a, 1.15, noise=noise)[1], full[1], atol=0, rtol=0)

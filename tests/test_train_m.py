@@ -48,8 +48,9 @@ def _run(tmp_path: Path, overrides: list[str] | None = None, vae: bool = True, l
     return run
 
 
-def test_train_m_end_to_end(tmp_path, capsys):
-    run = _run(tmp_path)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_train_m_end_to_end(tmp_path, capsys, precision):
+    run = _run(tmp_path, overrides=[f"system.precision={precision}"])
     summary = train_m(run)
     assert run.m_path.exists() and (run.dir / "m_ckpt.pt").exists()
     records = read_jsonl(run.metrics_path("m"))

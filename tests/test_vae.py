@@ -153,8 +153,9 @@ def make_run(tmp_path: Path, episodes: int = 4, steps: int = 12, overrides: tupl
     return run
 
 
-def test_train_vae_end_to_end(tmp_path):
-    run = make_run(tmp_path)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_train_vae_end_to_end(tmp_path, precision):
+    run = make_run(tmp_path, overrides=(f"system.precision={precision}",))
     summary = train_vae(run, progress=False)
     assert summary["epochs_trained"] == 1 and summary["frames"] == 48
     assert summary["train_frames"] + summary["val_frames"] == 48 and summary["val_frames"] > 0

@@ -140,6 +140,9 @@ class EvalConfig:
 @dataclass
 class SystemConfig:
     device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present")
+    precision: str = _f("auto", choices=("auto", "float32", "bfloat16"),
+                        doc="matrix products of V and M training and of the dream; auto = bfloat16 "
+                            "where the hardware has it (AMX / AVX-512 BF16 CPU, CUDA), else float32")
     backend: str = _f("local", choices=("local", "ray"), doc="where real-env work runs")
     ray_address: Optional[str] = _f(None, doc="Ray cluster address; null = RAY_ADDRESS or local")
     task_timeout: float = _f(1800.0, low=1.0, doc="seconds before a worker task counts as hung")

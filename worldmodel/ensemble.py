@@ -62,6 +62,10 @@ class Ensemble(WorldModel):
         return tuple(s for m, part in zip(self.members, self._split(state))
                      for s in m.observe(part, z, action))
 
+    def set_dream_precision(self, dtype: torch.dtype | None) -> None:
+        for m in self.members:
+            m.set_dream_precision(dtype)
+
     def sample_noise(self, batch_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
         return self.members[0].sample_noise(batch_size, generator)
 
@@ -73,8 +77,7 @@ class Ensemble(WorldModel):
                                                                         generator, noise)
         new_state, rewards = list(first_state), [reward]
         for m, part in zip(self.members[1:], parts[1:]):
-            # The others only need their state and reward: no sample of their own.
-            s, _, r, _ = m.imagine_step(part, z, action, 0.0)
+            s, r = m.step_reward(part, z, action)  # the others draw no z of their own
             new_state += list(s)
             rewards.append(r)
         if len(rewards) > 1:

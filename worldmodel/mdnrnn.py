@@ -100,6 +100,13 @@ def sample_mixture(mix: torch.Tensor, temperature: float, noise: tuple[torch.Ten
     return torch.addcmul(mu, sigma, noise[1], out=out)
 
 
+def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w in w's dtype, the result back in x's (float32 in, float32 out, bfloat16 inside)."""
+    if x.dtype == w.dtype:
+        return torch.mm(x, w)
+    return torch.mm(x.to(w.dtype), w).to(x.dtype)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over the True entries of ``mask`` (same shape); 0 when none are."""
     mask = mask.to(x.dtype)
@@ -117,6 +124,7 @@ class _StepCache:
     w_head: torch.Tensor | None = None
     tau: float = 1.0
     w_head_tau: torch.Tensor | None = None  # w_head with the logit columns divided by tau
+    low: dict = field(default_factory=dict)  # (tau, dtype) -> both weights cast for the dream
     last: torch.Tensor | None = None  # imagine_step's last row buffer [z', h', 1, ·]
 
 
@@ -139,6 +147,8 @@ class MDNRNN(WorldModel):
         # Per z dimension: K logits, K means, K log σ; then reward and done logit.
         self.head = nn.Linear(hidden, 3 * z_dim * mixtures + 2)
         self._step_cache = _StepCache()
+        self.dream_dtype: torch.dtype | None = None  # see set_dream_precision
+        self.autocast_training = True  # train_m may run loss() under bfloat16 autocast
 
     @classmethod
     def from_config(cls, cfg: Config, z_dim: int, action_dim: int) -> MDNRNN:
@@ -156,7 +166,7 @@ class MDNRNN(WorldModel):
         ``reward``: (...) r_{t+1} (zeros when reward is not predicted);
         ``done_logit``: (...) logit of d_{t+1}.
         """
-        out = self.head(h)
+        out = self.head(h).to(self.head.weight.dtype)  # the weights' dtype even under autocast
         zk = self.z_dim * self.mixtures
         mix = out[..., : 3 * zk].unflatten(-1, (3, self.z_dim, self.mixtures))
         logits, mu, log_sigma = mix.unbind(dim=-3)
@@ -214,6 +224,16 @@ class MDNRNN(WorldModel):
         _, h, c = self._cell(self._row(state, z, action), state[1], self._weights(1.0)[0])
         return (h, c)
 
+    def set_dream_precision(self, dtype: torch.dtype | None) -> None:
+        """Multiply in ``dtype`` (bfloat16) in :meth:`imagine_step` and :meth:`step_reward`.
+
+        The two matrix products of a step are most of the dream's time, and bfloat16 makes
+        them about 7× faster on a CPU with AMX (docs/benchmarks.md).  Their inputs are
+        rounded to 8 significant bits; the cell state, the sampling and everything else stay
+        float32, and so does :meth:`observe`, which the real game uses.
+        """
+        self.dream_dtype = dtype
+
     def imagine_step(
         self,
         state: State,
@@ -237,17 +257,29 @@ class MDNRNN(WorldModel):
         n, zd, k = z.shape[0], self.z_dim, self.mixtures
         if noise is None and temperature > 0:
             noise = self.sample_noise(n, generator)
-        w_gates, w_head = self._weights(temperature)
+        w_gates, w_head = self._weights(temperature, self.dream_dtype)
         nxt, h, c = self._cell(self._row(state, z, action), state[1], w_gates)
-        out = torch.mm(nxt[:, zd: zd + self.hidden + 1], w_head)  # [h', 1] -> (B, 3KZ + 2)
+        out = _mm(nxt[:, zd: zd + self.hidden + 1], w_head)  # [h', 1] -> (B, 3KZ + 2)
         z_next = sample_mixture(out[:, : 3 * k * zd].view(n, 3, k, zd), temperature, noise, out=nxt[:, :zd])
         self._step_cache.last = nxt
         reward = out[:, -2] if self.predict_reward else torch.zeros_like(out[:, -2])
         return (h, c), z_next, reward, torch.sigmoid(out[:, -1])
 
+    def step_reward(self, state: State, z: torch.Tensor, action: torch.Tensor) -> tuple[State, torch.Tensor]:
+        """The LSTM step and the reward column of the head alone: no mixture, no sample."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.step_reward(state, z, action)
+        w_gates, w_head = self._weights(1.0, self.dream_dtype)
+        nxt, h, c = self._cell(self._row(state, z, action), state[1], w_gates)
+        if not self.predict_reward:
+            return (h, c), h.new_zeros(h.shape[0])
+        hid = nxt[:, self.z_dim: self.z_dim + self.hidden + 1]  # [h', 1]
+        return (h, c), _mm(hid, w_head[:, -2:-1])[:, 0]
+
     # ------------------------------------------------------------- the fused step
 
-    def _weights(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weights(self, temperature: float, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's two weight matrices, rebuilt when a parameter changes (or moves).
 
         W_gates (Z + H + 1 + A, 4H): rows follow the row buffer [z, h, 1, a], so the biases
@@ -255,6 +287,7 @@ class MDNRNN(WorldModel):
         W_head (H + 1, 3KZ + 2): rows [h', 1]; mixture columns laid out (3, K, Z), so the
         component choice reduces over K with Z contiguous, logit columns divided by τ; the
         done bias less log(done_pos_weight), so that the step returns a calibrated P(done).
+        dtype: both cast to it (cached per τ), for :meth:`set_dream_precision`.
         """
         lstm, head, cache = self.lstm, self.head, self._step_cache
         key = self._params_key()
@@ -270,14 +303,21 @@ class MDNRNN(WorldModel):
             cache.w_head = torch.cat([head.weight[rows].t(), head.bias[rows][None]]).contiguous()
             # A BCE that weighs deaths by w learns logit(p) + log w; the dream needs p itself.
             cache.w_head[-1, -1] -= torch.log(self.done_pos_weight)
-            cache.key, cache.tau, cache.w_head_tau = key, 1.0, cache.w_head
+            cache.key, cache.tau, cache.w_head_tau, cache.low = key, 1.0, cache.w_head, {}
         if temperature in (0.0, 1.0):
-            return cache.w_gates, cache.w_head
-        if cache.tau != temperature:
-            cache.w_head_tau = cache.w_head.clone()
-            cache.w_head_tau[:, : self.mixtures * self.z_dim] /= temperature
-            cache.tau = temperature
-        return cache.w_gates, cache.w_head_tau
+            w_gates, w_head = cache.w_gates, cache.w_head
+        else:
+            if cache.tau != temperature:
+                cache.w_head_tau = cache.w_head.clone()
+                cache.w_head_tau[:, : self.mixtures * self.z_dim] /= temperature
+                cache.tau = temperature
+            w_gates, w_head = cache.w_gates, cache.w_head_tau
+        if dtype is None or dtype == w_gates.dtype:
+            return w_gates, w_head
+        low = cache.low.get((temperature, dtype))
+        if low is None:
+            low = cache.low[(temperature, dtype)] = (w_gates.to(dtype), w_head.to(dtype))
+        return low
 
     def _params_key(self) -> list[tuple[int, int]]:
         """(data_ptr, version) of every parameter: it changes when one is updated in place or moved.
@@ -311,7 +351,7 @@ class MDNRNN(WorldModel):
         """One LSTM step in place.  row (B, Z + H + 1 + A), c (B, H) -> (a fresh row buffer
         with h' and its 1 written, h' (B, H) a view into it, c' (B, H))."""
         zd, hid = self.z_dim, self.hidden
-        gates = torch.mm(row, w_gates)  # (B, 4H): i, f, o, g
+        gates = _mm(row, w_gates)  # (B, 4H): i, f, o, g
         sig = gates[:, : 3 * hid].sigmoid_()
         g = gates[:, 3 * hid:].tanh_()
         c = sig[:, hid: 2 * hid].mul_(c).addcmul_(sig[:, :hid], g)  # c' = f c + i g

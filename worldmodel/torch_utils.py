@@ -24,6 +24,40 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU multiply bfloat16 in hardware (AMX or AVX-512 BF16)?  Linux only; else False.
+
+    Without it a bfloat16 product is emulated and slower than float32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device | str) -> torch.dtype | None:
+    """``system.precision`` -> the dtype of the big matrix products, None for float32.
+
+    ``auto``: bfloat16 where the hardware has it (a CUDA GPU that supports it, a CPU with
+    AMX or AVX-512 BF16), else float32.  Only training's forward passes and the dream's
+    matrix products use it; weights, optimiser state, losses and the real game stay float32.
+    """
+    import torch
+
+    if name == "float32":
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name != "auto":
+        raise UserError(f"config system.precision: {name!r} is not one of auto, float32, bfloat16")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if kind == "cpu" and cpu_has_native_bf16() else None
+
+
 def single_thread() -> None:
     """Pin this process to one BLAS / torch thread.
 

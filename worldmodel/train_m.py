@@ -26,7 +26,7 @@ from worldmodel.latents import Latents, list_latents, load_latents, make_batch, 
 from worldmodel.m import WorldModel, build_m
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
-from worldmodel.torch_utils import resolve_device
+from worldmodel.torch_utils import resolve_device, resolve_precision
 
 NEEDS_V = "train-rnn needs V's latents: run `python run.py train-vae` first"
 CKPT_NAME = "m_ckpt.pt"
@@ -89,8 +89,14 @@ def vae_z_dim(run: Run) -> int:
 # ----------------------------------------------------------------- one pass over data
 
 def _pass(m: WorldModel, data: Latents, z: np.ndarray, cfg: Config, device: torch.device,
-          rng: np.random.Generator | None, opt: torch.optim.Optimizer | None, desc: str) -> dict[str, float]:
-    """Loss terms averaged over valid steps; trains when ``opt`` is given (shuffled windows)."""
+          rng: np.random.Generator | None, opt: torch.optim.Optimizer | None, desc: str,
+          precision: torch.dtype | None = None) -> dict[str, float]:
+    """Loss terms averaged over valid steps; trains when ``opt`` is given (shuffled windows).
+
+    precision: bfloat16 runs ``m.loss`` under autocast, for an M that allows it
+    (``autocast_training``); its heads return float32, so the losses stay float32.
+    """
+    autocast = precision is not None and getattr(m, "autocast_training", False)
     seq_len, batch_size = cfg.model.seq_len, cfg.model.batch_size
     starts, lengths = windows(data, seq_len, rng)
     order = rng.permutation(len(starts)) if rng is not None else np.arange(len(starts))
@@ -100,7 +106,8 @@ def _pass(m: WorldModel, data: Latents, z: np.ndarray, cfg: Config, device: torc
     for i in bar:
         idx = order[i:i + batch_size]
         batch = make_batch(data, z, starts[idx], lengths[idx], seq_len, device)
-        with torch.set_grad_enabled(opt is not None):
+        with torch.set_grad_enabled(opt is not None), \
+                torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=autocast):
             terms = m.loss(batch)
         if opt is not None:
             opt.zero_grad(set_to_none=True)
@@ -242,7 +249,8 @@ def _train_member(run: Run, member: int, train: Latents, val: Latents | None,
         t0 = time.time()
         rng = np.random.default_rng([seed, epoch])
         terms = _pass(m, train, train.sample_z(rng), cfg, device, rng, opt,
-                      desc=f"train-rnn{name} epoch {epoch}/{cfg.model.epochs}")
+                      desc=f"train-rnn{name} epoch {epoch}/{cfg.model.epochs}",
+                      precision=resolve_precision(cfg.system.precision, device))
         record = {"epoch": epoch, **{f"train/{k}": v for k, v in terms.items()}}
         record.update(_evaluate(m, train, val, cfg, device))
         record["seconds"] = time.time() - t0

@@ -52,7 +52,7 @@ from worldmodel.io import (
 from worldmodel.latents import list_latents, split_episodes
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
-from worldmodel.torch_utils import resolve_device
+from worldmodel.torch_utils import resolve_device, resolve_precision
 from worldmodel.vae import FRAME_SHAPE, ConvVAE, encode_frames, load_vae, preprocess, save_vae, vae_loss
 
 GRID_FRAMES = 8  # columns of the reconstruction plot
@@ -109,8 +109,12 @@ def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> 
 
 def _train_epoch(vae: ConvVAE, opt: torch.optim.Optimizer, frames: FrameSet, train: np.ndarray,
                  cfg: VAEConfig, rng: np.random.Generator, device: torch.device,
-                 epoch: int, progress: bool = True) -> dict[str, float]:
-    """One pass over ``train`` in random minibatches; returns the mean loss terms and img/s."""
+                 epoch: int, progress: bool = True, precision: torch.dtype | None = None) -> dict[str, float]:
+    """One pass over ``train`` in random minibatches; returns the mean loss terms and img/s.
+
+    precision: bfloat16 runs the forward pass under autocast (``system.precision``); the
+    loss, the gradients' accumulation and Adam stay float32.
+    """
     vae.train()
     sums = {k: torch.zeros((), device=device) for k in TERMS}
     seen, last_postfix = 0, 0.0
@@ -119,8 +123,9 @@ def _train_epoch(vae: ConvVAE, opt: torch.optim.Optimizer, frames: FrameSet, tra
               disable=not progress) as bar:
         for idx in _batches(train, cfg.batch_size, rng):
             x = preprocess(frames.frames[idx], device)
-            recon, mu, logvar = vae(x)
-            terms = vae_loss(x, recon, mu, logvar, cfg.kl_tolerance, cfg.beta)
+            with torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
+                recon, mu, logvar = vae(x)
+            terms = vae_loss(x, recon.float(), mu.float(), logvar.float(), cfg.kl_tolerance, cfg.beta)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
@@ -335,6 +340,7 @@ def _epochs_done(path: Path) -> int:
 def _train_vae(run: Run, skip_bad: bool, progress: bool) -> dict:
     cfg = run.cfg.vae
     device = resolve_device(run.cfg.system.device)
+    precision = resolve_precision(run.cfg.system.precision, device)
     frames = load_frames(run, skip_bad=skip_bad)
     train, val = split_frames(frames, cfg)
     if len(train) == 0:
@@ -354,7 +360,7 @@ def _train_vae(run: Run, skip_bad: bool, progress: bool) -> dict:
     trained = 0
     for epoch in range(done + 1, cfg.epochs + 1):
         start = time.perf_counter()
-        train_terms = _train_epoch(vae, opt, frames, train, cfg, rng, device, epoch, progress)
+        train_terms = _train_epoch(vae, opt, frames, train, cfg, rng, device, epoch, progress, precision)
         val_terms = _evaluate(vae, frames, val, cfg, device)
         record = _epoch_record(epoch, train_terms, val_terms, len(train), len(val),
                                time.perf_counter() - start)
