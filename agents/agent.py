@@ -3,7 +3,8 @@
 :class:`Agent` steps a batch of environments at once, so V and M run batched
 over them.  At step t: ``z_t = V(frame_t)`` (the posterior mean, or a sample from the
 posterior with ``controller.real_z: sample``), ``a_t =
-C(M.features(state_t, z_t))``, then ``state_{t+1} = M.observe(state_t, z_t, a_t)``.
+C(M.features(state_t, z_t))`` (plus N(0, σ²) noise, clipped to the action box, with
+``controller.action_noise`` = σ > 0), then ``state_{t+1} = M.observe(state_t, z_t, a_t)``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.controller import ControllerSpec, act_batched, load_controller
+from agents.controller import ControllerSpec, act_batched, add_action_noise, load_controller
 from worldmodel.config import Config
 from worldmodel.errors import UserError
 from worldmodel.m import State, WorldModel
@@ -25,13 +26,15 @@ class Agent:
     """V + M + C over a batch of environments (all on the CPU or all on one device)."""
 
     def __init__(self, vae: ConvVAE, m: WorldModel, spec: ControllerSpec, params: np.ndarray,
-                 features: str, device: torch.device | str = "cpu", real_z: str = "mean"):
+                 features: str, device: torch.device | str = "cpu", real_z: str = "mean",
+                 action_noise: float = 0.0):
         if params.size != spec.num_params:
             raise UserError(f"controller has {params.size} parameters, this config expects {spec.num_params}")
         self.vae, self.m, self.spec, self.features = vae, m, spec, features
         self.device = torch.device(device)
         self.params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(1, -1)
         self.real_z = real_z
+        self.action_noise = float(action_noise)
         self.state: State = ()
         self.generators: list[torch.Generator] = []
 
@@ -52,10 +55,11 @@ class Agent:
                 raise UserError(f"{path}: not found; run `python run.py dream` first")
             params, _ = load_controller(path, expected_params=spec.num_params)
         return cls(vae, m, spec, np.asarray(params, np.float32), cfg.controller.features, device,
-                   cfg.controller.real_z)
+                   cfg.controller.real_z, cfg.controller.action_noise)
 
     def reset(self, batch_size: int, seeds: list[int] | None = None) -> None:
-        """Start ``batch_size`` episodes; ``seeds`` fix the z samples of each (``real_z: sample``)."""
+        """Start ``batch_size`` episodes; ``seeds`` fix each one's draws (z samples with
+        ``real_z: sample``, action noise with ``controller.action_noise``)."""
         self.state = self.m.initial_state(batch_size)
         seeds = seeds if seeds is not None else list(range(batch_size))
         # One generator per environment, so an episode's draws do not depend on its batch-mates.
@@ -77,6 +81,9 @@ class Agent:
             z = mu + (0.5 * logvar).exp() * eps
         features = self.m.features(self.state, z, self.features)
         actions = act_batched(self.spec, self.params.expand(len(frames), -1), features)
+        if self.action_noise > 0:  # M observes the action taken, as in the dream
+            eps = torch.stack([torch.randn(actions.shape[1], generator=g) for g in self.generators])
+            actions = add_action_noise(self.spec, actions, self.action_noise, eps.to(actions.device))
         self.state = self.m.observe(self.state, z, actions)
         return actions.cpu().numpy()
 

@@ -88,6 +88,14 @@ def squash(spec: ControllerSpec, y: torch.Tensor) -> torch.Tensor:
     return a
 
 
+def add_action_noise(spec: ControllerSpec, actions: torch.Tensor, std: float, eps: torch.Tensor) -> torch.Tensor:
+    """actions + std · eps, clipped to the action box (``controller.action_noise``).  (N, A) -> (N, A)."""
+    box = action_space(spec.env)
+    low = torch.as_tensor(box.low, dtype=actions.dtype, device=actions.device)
+    high = torch.as_tensor(box.high, dtype=actions.dtype, device=actions.device)
+    return torch.clamp(actions + std * eps, low, high)
+
+
 def act_batched(spec: ControllerSpec, params: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """N controllers on N feature rows: params (N, P), features (N, F) -> actions (N, A).
 

@@ -32,7 +32,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.controller import ControllerSpec, act_batched, action_space
+from agents.controller import ControllerSpec, act_batched, action_space, add_action_noise
 from worldmodel.config import Config
 from worldmodel.errors import UserError
 from worldmodel.m import WorldModel
@@ -52,12 +52,14 @@ class DreamSettings:
     done: str = "threshold"
     done_threshold: float = 0.5
     reward: str = "alive"
+    action_noise: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> DreamSettings:
         c = cfg.cmaes
         base = cls(features=cfg.controller.features, temperature=c.temperature, max_steps=c.max_steps,
-                   done=c.done, done_threshold=c.done_threshold, reward=REWARD_MODES[cfg.env.name])
+                   done=c.done, done_threshold=c.done_threshold, reward=REWARD_MODES[cfg.env.name],
+                   action_noise=cfg.controller.action_noise)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def ended(self, done_prob: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
@@ -117,8 +119,9 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
     params: (N, P) controller weights; z0: (N, Z) start latents; streams: (N,) int64 noise
     stream of each dream, values in [0, S) (None: every dream its own stream, S = N).
     Per step M's noise for the S streams is drawn from ``generator`` (then the done
-    uniforms (S,) when ``settings.done == "sample"``), so the draws do not depend on
-    how many dreams are still alive.
+    uniforms (S,) when ``settings.done == "sample"``, then the action noise (S, A) when
+    ``settings.action_noise`` > 0), so the draws do not depend on how many dreams are
+    still alive.
     """
     device = z0.device
     n = params.shape[0]
@@ -133,9 +136,13 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
         a = act_batched(spec, p, m.features(state, z, settings.features))
         noise = m.sample_noise(n_streams, generator)
         u = rand((n_streams,), generator, device) if settings.done == "sample" else None
+        eps = rand((n_streams, a.shape[1]), generator, device, normal=True) if settings.action_noise > 0 else None
         if stream is not None:
             noise = tuple(x.index_select(0, stream) for x in noise)
             u = None if u is None else u.index_select(0, stream)
+            eps = None if eps is None else eps.index_select(0, stream)
+        if eps is not None:
+            a = add_action_noise(spec, a, settings.action_noise, eps)
         state, z, r, d = m.imagine_step(state, z, a, settings.temperature, noise=noise)
         if settings.reward == "model":
             returns.index_add_(0, rows, r.to(returns.dtype))

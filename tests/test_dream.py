@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -245,3 +246,23 @@ def test_start_latents_and_make_dream_env_from_run(tmp_path):
         if term or trunc:
             break
     assert term or trunc
+
+
+def test_action_noise_is_drawn_per_stream_after_m_noise_and_clipped():
+    m = FakeM(short=100, long=100)  # nothing ends early: reward = the noisy, clipped a_0
+    spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
+    params = bias_params(spec, [0.5, 0.5, 2.0, 0.5])
+    streams = torch.tensor([0, 0, 1, 1])
+    settings = DreamSettings(max_steps=6, reward="model", done_threshold=0.5, action_noise=0.7)
+    res = dream_rollouts(m, params, spec, torch.zeros(4, 3), settings, torch.Generator().manual_seed(5), streams)
+    g = torch.Generator().manual_seed(5)
+    expected = torch.zeros(4)
+    for _ in range(6):
+        torch.randn(2, 3, generator=g)  # M's noise for the 2 streams, then the action noise
+        eps = torch.randn(2, 1, generator=g)[streams, 0]
+        expected += torch.clamp(torch.tanh(torch.tensor([0.5, 0.5, 2.0, 0.5])) + 0.7 * eps, -1.0, 1.0)
+    torch.testing.assert_close(res.returns, expected)
+    assert res.returns[0] == res.returns[1] and res.returns[1] != res.returns[3]  # common random numbers
+    quiet = dream_rollouts(m, params, spec, torch.zeros(4, 3), replace(settings, action_noise=0.0),
+                           torch.Generator().manual_seed(5), streams)
+    torch.testing.assert_close(quiet.returns, 6 * torch.tanh(torch.tensor([0.5, 0.5, 2.0, 0.5])))

@@ -75,17 +75,21 @@ def _frame_to_input(frame: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _hand_agent_episode(tiny: dict, seed: int) -> tuple[float, int, list[float]]:
-    """One real episode: z = V's mu, f = M.features, a = tanh(W f + b) from the flat params."""
+def _hand_agent_episode(tiny: dict, seed: int, noise: float = 0.0) -> tuple[float, int, list[float]]:
+    """One real episode: z = V's mu, f = M.features, a = tanh(W f + b) from the flat params;
+    with ``noise`` σ, a = clip(a + σ ε) with ε from torch's generator seeded with the seed."""
     vae, m, params = tiny["vae"], tiny["m"], tiny["params"].astype(np.float64)
     w, b = params[:-1], params[-1]  # TakeCover: A = 1, so W is one row of F weights, b one bias
     env = envs.make("takecover", max_steps=MAX_STEPS)
     frame, _ = env.reset(seed=seed)
     state, total, steps, actions = m.initial_state(1), 0.0, 0, []
+    generator = torch.Generator().manual_seed(seed)
     while True:
         mu, _ = vae.encode(_frame_to_input(frame))
         f = m.features(state, mu, tiny["features"])[0].numpy().astype(np.float64)
         a = np.tanh(w @ f + b)
+        if noise:
+            a = float(np.clip(np.float32(a) + noise * torch.randn(1, generator=generator).item(), -1.0, 1.0))
         actions.append(float(a))
         state = m.observe(state, mu, torch.tensor([[a]], dtype=torch.float32))
         frame, reward, terminated, truncated, _ = env.step(np.array([a], np.float32))
@@ -134,6 +138,15 @@ def test_evaluate_params_equals_the_hand_loop(tiny, by_hand):
     # Two workers: the three seeds go out as tasks of two and one (lockstep batches).
     returns = evaluate_params(tiny["run"], tiny["params"], EPISODES, SEED, workers=2)
     assert returns == by_hand["agent"]
+
+
+def test_action_noise_is_played_as_the_hand_loop_plays_it(tiny, by_hand):
+    run = dataclasses.replace(tiny["run"], cfg=config_lib.apply_overrides(tiny["run"].cfg,
+                                                                          ["controller.action_noise=0.5"]))
+    returns = evaluate_params(run, tiny["params"], EPISODES, SEED, workers=2)
+    expected = [_hand_agent_episode(tiny, s, noise=0.5)[0] for s in by_hand["seeds"]]
+    np.testing.assert_allclose(returns, expected)
+    assert returns != by_hand["agent"]
 
 
 def _task(run, policy: str, seeds: list[int]) -> dict:

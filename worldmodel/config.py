@@ -96,6 +96,9 @@ class ControllerConfig:
     features: str = _f("zh", choices=("zh", "zch"), doc="what C sees: [z, h] or [z, c, h]")
     real_z: str = _f("mean", choices=("mean", "sample"),
                      doc="in the real env, z is V's posterior mean or a sample from it (as M was trained)")
+    action_noise: float = _f(0.0, low=0.0, doc="std of Gaussian noise on C's actions (then clipped to the "
+                             "action box), in the dream and in the real game alike: C is evolved and "
+                             "evaluated as this stochastic policy; 0 = deterministic")
 
 
 @dataclass
