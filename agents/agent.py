@@ -71,19 +71,21 @@ class Agent:
         self.state = tuple(s[index] for s in self.state)
         self.generators = [self.generators[i] for i in np.asarray(rows).tolist()]
 
+    def _normal(self, dim: int) -> torch.Tensor:
+        """N(0, 1) draws (B, dim), row i from environment i's own generator."""
+        return torch.stack([torch.randn(dim, generator=g) for g in self.generators]).to(self.device)
+
     @torch.no_grad()
     def act(self, frames: np.ndarray) -> np.ndarray:
         """frames uint8 (B, 64, 64, 3) -> actions float32 (B, A); advances M's state."""
         mu, logvar = self.vae.encode(preprocess(frames, self.device))
         z = mu
         if self.real_z == "sample":
-            eps = torch.stack([torch.randn(mu.shape[1], generator=g) for g in self.generators]).to(mu.device)
-            z = mu + (0.5 * logvar).exp() * eps
+            z = mu + (0.5 * logvar).exp() * self._normal(mu.shape[1])
         features = self.m.features(self.state, z, self.features)
         actions = act_batched(self.spec, self.params.expand(len(frames), -1), features)
         if self.action_noise > 0:  # M observes the action taken, as in the dream
-            eps = torch.stack([torch.randn(actions.shape[1], generator=g) for g in self.generators])
-            actions = add_action_noise(self.spec, actions, self.action_noise, eps.to(actions.device))
+            actions = add_action_noise(self.spec, actions, self.action_noise, self._normal(actions.shape[1]))
         self.state = self.m.observe(self.state, z, actions)
         return actions.cpu().numpy()
 

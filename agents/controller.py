@@ -20,6 +20,7 @@ the dream runs a whole CMA-ES generation as one batch.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,11 +89,18 @@ def squash(spec: ControllerSpec, y: torch.Tensor) -> torch.Tensor:
     return a
 
 
+@functools.cache
+def _action_bounds(env_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    box = action_space(env_name)
+    return torch.from_numpy(box.low), torch.from_numpy(box.high)
+
+
 def add_action_noise(spec: ControllerSpec, actions: torch.Tensor, std: float, eps: torch.Tensor) -> torch.Tensor:
-    """actions + std · eps, clipped to the action box (``controller.action_noise``).  (N, A) -> (N, A)."""
-    box = action_space(spec.env)
-    low = torch.as_tensor(box.low, dtype=actions.dtype, device=actions.device)
-    high = torch.as_tensor(box.high, dtype=actions.dtype, device=actions.device)
+    """actions + std · eps, clipped to the action box (``controller.action_noise``).  (N, A) -> (N, A).
+
+    On the dream's hot path: the box's bounds are built once per environment, not per step.
+    """
+    low, high = (b.to(actions.device, actions.dtype) for b in _action_bounds(spec.env))
     return torch.clamp(actions + std * eps, low, high)
 
 

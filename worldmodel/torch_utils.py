@@ -58,6 +58,14 @@ def resolve_precision(name: str, device: torch.device | str) -> torch.dtype | No
     return torch.bfloat16 if kind == "cpu" and cpu_has_native_bf16() else None
 
 
+def autocast(device: torch.device, precision: torch.dtype | None):
+    """The training forward pass's context: autocast to ``precision`` (from
+    :func:`resolve_precision`), or a no-op for float32 (None)."""
+    import torch
+
+    return torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None)
+
+
 def single_thread() -> None:
     """Pin this process to one BLAS / torch thread.
 

@@ -26,7 +26,7 @@ from worldmodel.latents import Latents, list_latents, load_latents, make_batch, 
 from worldmodel.m import WorldModel, build_m
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
-from worldmodel.torch_utils import resolve_device, resolve_precision
+from worldmodel.torch_utils import autocast, resolve_device, resolve_precision
 
 NEEDS_V = "train-rnn needs V's latents: run `python run.py train-vae` first"
 CKPT_NAME = "m_ckpt.pt"
@@ -96,7 +96,8 @@ def _pass(m: WorldModel, data: Latents, z: np.ndarray, cfg: Config, device: torc
     precision: bfloat16 runs ``m.loss`` under autocast, for an M that allows it
     (``autocast_training``); its heads return float32, so the losses stay float32.
     """
-    autocast = precision is not None and getattr(m, "autocast_training", False)
+    if not getattr(m, "autocast_training", False):
+        precision = None
     seq_len, batch_size = cfg.model.seq_len, cfg.model.batch_size
     starts, lengths = windows(data, seq_len, rng)
     order = rng.permutation(len(starts)) if rng is not None else np.arange(len(starts))
@@ -106,8 +107,7 @@ def _pass(m: WorldModel, data: Latents, z: np.ndarray, cfg: Config, device: torc
     for i in bar:
         idx = order[i:i + batch_size]
         batch = make_batch(data, z, starts[idx], lengths[idx], seq_len, device)
-        with torch.set_grad_enabled(opt is not None), \
-                torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=autocast):
+        with torch.set_grad_enabled(opt is not None), autocast(device, precision):
             terms = m.loss(batch)
         if opt is not None:
             opt.zero_grad(set_to_none=True)
@@ -228,14 +228,15 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
     train_ids, val_ids = split_episodes(data.n_episodes, cfg.model.val_fraction, cfg.model.seed)
     train, val = data.subset(train_ids), (data.subset(val_ids) if len(val_ids) else None)
     del data
-    summaries = [_train_member(run, k, train, val, device) for k in range(cfg.model.ensemble)]
+    precision = resolve_precision(cfg.system.precision, device)
+    summaries = [_train_member(run, k, train, val, device, precision) for k in range(cfg.model.ensemble)]
     plot_run(run, stages=("m",))
     print(_format_done(summaries[0]))
     return summaries[0]
 
 
 def _train_member(run: Run, member: int, train: Latents, val: Latents | None,
-                  device: torch.device) -> dict[str, Any]:
+                  device: torch.device, precision: torch.dtype | None) -> dict[str, Any]:
     cfg = run.cfg
     seed = cfg.model.seed + member
     torch.manual_seed(seed)
@@ -249,8 +250,7 @@ def _train_member(run: Run, member: int, train: Latents, val: Latents | None,
         t0 = time.time()
         rng = np.random.default_rng([seed, epoch])
         terms = _pass(m, train, train.sample_z(rng), cfg, device, rng, opt,
-                      desc=f"train-rnn{name} epoch {epoch}/{cfg.model.epochs}",
-                      precision=resolve_precision(cfg.system.precision, device))
+                      desc=f"train-rnn{name} epoch {epoch}/{cfg.model.epochs}", precision=precision)
         record = {"epoch": epoch, **{f"train/{k}": v for k, v in terms.items()}}
         record.update(_evaluate(m, train, val, cfg, device))
         record["seconds"] = time.time() - t0

@@ -52,7 +52,7 @@ from worldmodel.io import (
 from worldmodel.latents import list_latents, split_episodes
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
-from worldmodel.torch_utils import resolve_device, resolve_precision
+from worldmodel.torch_utils import autocast, resolve_device, resolve_precision
 from worldmodel.vae import FRAME_SHAPE, ConvVAE, encode_frames, load_vae, preprocess, save_vae, vae_loss
 
 GRID_FRAMES = 8  # columns of the reconstruction plot
@@ -123,7 +123,7 @@ def _train_epoch(vae: ConvVAE, opt: torch.optim.Optimizer, frames: FrameSet, tra
               disable=not progress) as bar:
         for idx in _batches(train, cfg.batch_size, rng):
             x = preprocess(frames.frames[idx], device)
-            with torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
+            with autocast(device, precision):
                 recon, mu, logvar = vae(x)
             terms = vae_loss(x, recon.float(), mu.float(), logvar.float(), cfg.kl_tolerance, cfg.beta)
             opt.zero_grad(set_to_none=True)
