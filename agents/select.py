@@ -9,8 +9,9 @@ check episodes and 692 on 100 held-out ones).  :func:`select_controller` plays t
 (seeds 2,000,000 + ``cmaes.seed`` …, used by nothing else) and keeps the one with the best mean
 there.
 
-Scores are cached in ``select.json`` per (episodes, seed) and generation, so a rerun plays only
-controllers not yet scored; ``controller.pt`` is rewritten only when the choice changes.
+Scores are cached in ``select.json`` per (episodes, seed, how the agent acts: ``controller.real_z``
+and ``controller.action_noise``) and generation, so a rerun plays only controllers not yet scored
+under the same rules; ``controller.pt`` is rewritten only when the choice changes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ def _read_cache(run: Run) -> dict[str, Any]:
     return cache if isinstance(cache, dict) else {}
 
 
+def _cache_key(run: Run, seed: int) -> str:
+    """Which episodes, and how the agent plays them: a score holds only for the same of both."""
+    ctl = run.cfg.controller
+    acting = f", real z {ctl.real_z}" + (f", action noise {ctl.action_noise:g}" if ctl.action_noise else "")
+    return f"{run.cfg.cmaes.select_episodes} episodes from seed {seed}{acting}"
+
+
 def select_controller(run: Run, evaluate_fn: EvaluateFn) -> dict[str, Any]:
     """Play the best-checked controllers on fresh episodes; write the winner to ``controller.pt``.
 
@@ -54,7 +62,7 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn) -> dict[str, Any]:
     top = sorted(checks, key=lambda ch: -ch["real_score"])[: c.select_top]
     seed = SELECT_SEED_BASE + c.seed
     cache = _read_cache(run)
-    scores = cache.setdefault(f"{c.select_episodes} episodes from seed {seed}", {})
+    scores = cache.setdefault(_cache_key(run, seed), {})
     for check in top:
         key = str(check["generation"])
         if key not in scores:

@@ -7,6 +7,7 @@ import numpy as np
 from agents.cmaes import STATE_FILE, _new_state, _save_state
 from agents.controller import load_controller, save_controller
 from agents.select import SELECT_SEED_BASE, select_controller
+from worldmodel.runs import open_run
 
 P = 5
 
@@ -71,3 +72,16 @@ def test_off_when_no_fresh_episodes(make_run):
     game = FakeGame([0.0, 0.0])
     assert select_controller(run, game)["selected"].startswith("off")
     assert game.calls == []
+
+
+def test_scores_hold_only_for_the_same_way_of_acting(make_run):
+    # A score played deterministically says nothing of the same controller with noisy actions.
+    run = _run_with_checks(make_run, [300.0, 700.0, 900.0])
+    select_controller(run, FakeGame([0.0, 650.0, 500.0]))
+    noisy = open_run(run.dir, None, ["controller.action_noise=0.1"])
+    game = FakeGame([0.0, 400.0, 600.0])
+    summary = select_controller(noisy, game)
+    assert sorted(i for i, _, _ in game.calls) == [1, 2] and summary["selected_generation"] == 30
+    again = FakeGame([0.0, 0.0, 0.0])  # the deterministic scores are still there for a deterministic rerun
+    assert select_controller(open_run(run.dir, None, ["controller.action_noise=0"]), again)["selected_generation"] == 20
+    assert again.calls == []
