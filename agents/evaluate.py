@@ -2,11 +2,14 @@
 
 Episodes are split into tasks of a few seeds each; a worker steps its task's
 environments in lockstep so V and M run batched over them.  The random policy
-plays the same seeds for comparison.  Results go to ``<run>/eval.json``.
+plays the same seeds for comparison; its episodes are kept from the run's last
+``eval.json`` while env, seeds and step limit stay the same, since they do not depend on
+the agent.  Results go to ``<run>/eval.json``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -136,6 +139,20 @@ def dream_score(run: Run, episodes: int, seed: int) -> dict:
     return {**_stats(result.returns.tolist()), "temperature": settings.temperature}
 
 
+def _earlier_random(run: Run, seeds: list[int]) -> list[dict] | None:
+    """The random policy's episodes from the run's eval.json when they were played on the same
+    env, seeds and step limit (they do not depend on the agent); None otherwise."""
+    path = run.path("eval.json")
+    try:
+        report = json.loads(path.read_text())
+        same = (report["env"] == run.cfg.env.name and report["seeds"] == [seeds[0], seeds[-1]]
+                and report["max_steps"] == run.cfg.env.max_steps and report["random"]["episodes"] == len(seeds))
+        episodes = report["random"]["episodes_detail"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or written before max_steps was kept
+        return None
+    return episodes if same and isinstance(episodes, list) and len(episodes) == len(seeds) else None
+
+
 def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = None,
                  backend: str | None = None, video: bool = False, progress: bool = True) -> dict:
     """Evaluate the run's agent and the random policy on the same seeds; write eval.json."""
@@ -149,11 +166,14 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
     start = time.perf_counter()
     agent = play_many(run, "agent", seeds, None, workers, backend, video_seeds, progress, "agent")
     agent_s = time.perf_counter() - start
-    random = play_many(run, "random", seeds, None, workers, backend, (), progress, "random policy")
+    random = _earlier_random(run, seeds)
+    if random is None:
+        random = play_many(run, "random", seeds, None, workers, backend, (), progress, "random policy")
     dream = dream_score(run, episodes, cfg.eval.seed)
     report = {
         "env": cfg.env.name,
         "seeds": [seeds[0], seeds[-1]],
+        "max_steps": cfg.env.max_steps,
         "agent": {**_stats([r["return"] for r in agent]), "episodes_detail": agent},
         "random": {**_stats([r["return"] for r in random]), "episodes_detail": random},
         "dream": dream,

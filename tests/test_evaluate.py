@@ -24,9 +24,10 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from agents.controller import ControllerSpec, save_controller
-from agents.evaluate import evaluate_params, play
+from agents.evaluate import _earlier_random, evaluate_params, play
 from worldmodel import config as config_lib
 from worldmodel.episodes import episode_path, save_episode
+from worldmodel.io import write_json
 from worldmodel.m import build_m
 from worldmodel.runs import open_run
 from worldmodel.train_m import save_m
@@ -180,6 +181,7 @@ def evaluated(tiny):
 def test_report_scores_agent_and_random_policy_on_the_same_seeds(evaluated, by_hand, tiny):
     result, report = evaluated
     assert report["env"] == "takecover" and report["seeds"] == [SEED, SEED + EPISODES - 1]
+    assert report["max_steps"] == tiny["run"].cfg.env.max_steps
     agent, random = report["agent"], report["random"]
     assert [e["seed"] for e in agent["episodes_detail"]] == by_hand["seeds"]
     assert [e["seed"] for e in random["episodes_detail"]] == by_hand["seeds"]
@@ -208,6 +210,23 @@ def test_video_holds_the_whole_first_episode(evaluated, by_hand):
     with imageio.get_reader(path, format="FFMPEG") as reader:
         frames = sum(1 for _ in reader.iter_data())
     assert frames == by_hand["agent_steps"][0] + 1  # the reset frame, then one per step
+
+
+def test_random_policy_is_played_again_unless_env_seeds_and_step_limit_match(make_run):
+    run = make_run()
+    seeds = [5, 6, 7]
+    played = [{"seed": s, "return": float(s), "steps": 3} for s in seeds]
+    report = {"env": run.cfg.env.name, "seeds": [5, 7], "max_steps": run.cfg.env.max_steps,
+              "random": {"episodes": 3, "episodes_detail": played}}
+    write_json(run.path("eval.json"), report)
+    assert _earlier_random(run, seeds) == played
+    assert _earlier_random(run, [5, 6, 7, 8]) is None  # more episodes
+    for key, value in (("env", "carracing"), ("max_steps", run.cfg.env.max_steps + 1), ("max_steps", None)):
+        changed = {**report, key: value} if value is not None else {k: v for k, v in report.items() if k != key}
+        write_json(run.path("eval.json"), changed)
+        assert _earlier_random(run, seeds) is None, key
+    run.path("eval.json").write_text("{torn")
+    assert _earlier_random(run, seeds) is None
 
 
 # ----------------------------------------------------------------- bad input
