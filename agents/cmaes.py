@@ -19,7 +19,9 @@ Files in the run folder (all written atomically, once per generation):
   Rerunning resumes exactly there.  A pickle can run code when loaded: it is only ever
   read from the run's own folder, and never from a path under ``pretrained/``.
 - ``controller.pt`` (``run.controller_path``): the controller with the best *real* score
-  when a real check has run, else the candidate with the best dream fitness so far
+  among the checks played with the current M (C reads M's h, so a controller checked with
+  an earlier M — before an iteration retrained it — plays differently now), else the
+  candidate with the best dream fitness so far
   ("pick the controller by a held-out real evaluation, not by dream score alone").
   The best of many checks on the same few episodes overstates its score; agents/select.py
   then re-plays the best few checked controllers on fresh episodes and keeps the winner.
@@ -30,6 +32,7 @@ Files in the run folder (all written atomically, once per generation):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import time
@@ -62,6 +65,16 @@ EVAL_SEED_BASE = 1_000_000
 
 
 # ----------------------------------------------------------------- one generation
+
+def weights_fingerprint(m: torch.nn.Module) -> str:
+    """Short hash of M's weights (every member's, for an ensemble): which M a real check was
+    played with.  Metadata and file bytes do not count, so re-saving the same weights keeps it."""
+    h = hashlib.sha256()
+    for name, value in sorted(m.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
 
 def generation_seed(seed: int, generation: int) -> int:
     """Torch seed of a generation's dreams: a pure function of (seed, generation), so resume is exact."""
@@ -163,6 +176,7 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
         raise UserError(f"config env.name {cfg.env.name!r}: the dream's reward comes from M's reward head, "
                         "but M was trained with model.predict_reward=false")
     spec = ControllerSpec.for_config(cfg, m)
+    m_id = weights_fingerprint(m)
 
     state_path = run.path(STATE_FILE)
     if state_path.exists():
@@ -177,7 +191,7 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
     bar = tqdm(total=c.generations, initial=start_generation, disable=not progress, desc="dream",
                unit="gen", dynamic_ncols=True)
     while state["generation"] < c.generations:
-        record = _one_generation(state, m, spec, settings, starts, c, evaluate_fn)
+        record = _one_generation(state, m, spec, settings, starts, c, evaluate_fn, m_id)
         _save_controllers(run, state, spec, settings)
         _save_state(state_path, state)
         append_jsonl(metrics_path, record)
@@ -207,8 +221,11 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
 
 
 def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: DreamSettings,
-                    starts: torch.Tensor, c, evaluate_fn: EvaluateFn | None) -> dict:
-    """Ask, dream, tell, maybe check the centre in the real game; updates ``state`` in place."""
+                    starts: torch.Tensor, c, evaluate_fn: EvaluateFn | None, m_id: str | None = None) -> dict:
+    """Ask, dream, tell, maybe check the centre in the real game; updates ``state`` in place.
+
+    ``m_id``: :func:`weights_fingerprint` of the M the real game's agent plays with; each check
+    records it, and a check with a new M replaces the best one of an older M."""
     es = state["es"]
     generation = state["generation"] + 1
     t0 = time.perf_counter()
@@ -230,12 +247,12 @@ def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: 
                             dtype=np.float64)
         real_mean, real_std = float(scores.mean()), float(scores.std())
         # Every checked centre is kept: agents/select.py re-plays the best few on fresh episodes.
-        state.setdefault("checks", []).append({"params": candidates[-1].astype(np.float32),
-                                               "generation": generation, "dream_score": centre,
-                                               "real_score": real_mean})
-        if state["best_real"] is None or real_mean > state["best_real"]["real_score"]:
-            state["best_real"] = {"params": candidates[-1].astype(np.float32), "generation": generation,
-                                  "dream_score": centre, "real_score": real_mean}
+        check = {"params": candidates[-1].astype(np.float32), "generation": generation, "dream_score": centre,
+                 "real_score": real_mean, "m": m_id}
+        state.setdefault("checks", []).append(check)
+        best = state["best_real"]
+        if best is None or best.get("m") != m_id or real_mean > best["real_score"]:
+            state["best_real"] = dict(check)
     wall = time.perf_counter() - t0
     state["generation"] = generation
     state["wall_s"] += wall

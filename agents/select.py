@@ -7,7 +7,9 @@ controller: it was picked for scoring high on those few episodes (run tc1b score
 check episodes and 692 on 100 held-out ones).  :func:`select_controller` plays the
 ``cmaes.select_top`` best-checked controllers on ``cmaes.select_episodes`` fresh episodes
 (seeds 2,000,000 + ``cmaes.seed`` …, used by nothing else) and keeps the one with the best mean
-there.
+there.  Only checks played with the run's current M are candidates: C reads M's h, so a
+controller checked before an iteration retrained M would now play with an M it was not evolved
+in (run tc7 in docs/results.md: generation 260 fell from 730.6 to 593.2 on the same 64 episodes).
 
 Scores are cached in ``select.json`` per (episodes, seed, how the agent acts: ``controller.real_z``
 and ``controller.action_noise``) and generation, so a rerun plays only controllers not yet scored
@@ -21,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from agents.cmaes import STATE_FILE, EvaluateFn, load_state
+from agents.cmaes import STATE_FILE, EvaluateFn, load_state, weights_fingerprint
 from agents.controller import load_controller, save_controller
+from envs.dream import load_world_model
 from worldmodel.io import write_json
 from worldmodel.runs import Run
 
@@ -46,10 +49,11 @@ def _cache_key(run: Run, seed: int) -> str:
     return f"{run.cfg.cmaes.select_episodes} episodes from seed {seed}{acting}"
 
 
-def select_controller(run: Run, evaluate_fn: EvaluateFn) -> dict[str, Any]:
+def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None) -> dict[str, Any]:
     """Play the best-checked controllers on fresh episodes; write the winner to ``controller.pt``.
 
-    evaluate_fn(params (P,), episodes, seed) -> real returns.  Returns a summary.
+    evaluate_fn(params (P,), episodes, seed) -> real returns.  ``m_id``: fingerprint of the
+    current M (None: computed from the run's M files when a check names one).  Returns a summary.
     """
     c = run.cfg.cmaes
     state_path = run.path(STATE_FILE)
@@ -59,16 +63,22 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn) -> dict[str, Any]:
     checks = load_state(state_path).get("checks", [])
     if not checks:
         return {"selected": "skipped (no real checks to choose from)"}
+    if any(ch.get("m") for ch in checks):  # runs from before checks named their M: all count
+        if m_id is None:
+            m_id = weights_fingerprint(load_world_model(run))
+        checks = [ch for ch in checks if ch.get("m") == m_id]
+        if not checks:
+            return {"selected": "skipped (no real check was played with the current M; run `dream` on)"}
     top = sorted(checks, key=lambda ch: -ch["real_score"])[: c.select_top]
     seed = SELECT_SEED_BASE + c.seed
     cache = _read_cache(run)
     scores = cache.setdefault(_cache_key(run, seed), {})
     for check in top:
         key = str(check["generation"])
-        if key not in scores:
+        if key not in scores or scores[key].get("m") != check.get("m"):
             returns = np.asarray(evaluate_fn(check["params"].copy(), c.select_episodes, seed), np.float64)
             scores[key] = {"mean": float(returns.mean()), "std": float(returns.std()),
-                           "check_score": float(check["real_score"])}
+                           "check_score": float(check["real_score"]), "m": check.get("m")}
             write_json(run.path(SELECT_FILE), cache)
             print(f"   select: generation {key}: check {check['real_score']:.1f}, "
                   f"{c.select_episodes} fresh episodes {returns.mean():.1f} ± {returns.std():.1f}", flush=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.cmaes import STATE_FILE, load_state, train_controller
+from agents.cmaes import STATE_FILE, load_state, train_controller, weights_fingerprint
 from agents.controller import load_controller
 from worldmodel import config as config_lib
 from worldmodel.errors import UserError
@@ -168,3 +168,39 @@ def test_train_controller_loads_m_and_latents_from_the_run(tmp_path):
     with pytest.raises(UserError, match="predict_reward"):
         train_controller(Run(dir=tmp_path / "cr", cfg=cfg), progress=False,
                          m=MDNRNN(4, 3, 8, 3, predict_reward=False), starts=torch.zeros(2, 2, 4))
+
+
+class TaggedLifeM(LifeM):
+    """LifeM with one weight, so that two of them are two different M's to weights_fingerprint."""
+
+    def __init__(self, tag: float):
+        super().__init__()
+        self.tag = torch.nn.Parameter(torch.tensor([tag]))
+
+
+def test_weights_fingerprint_follows_the_weights_only():
+    a, b = TaggedLifeM(1.0), TaggedLifeM(1.0)
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    with torch.no_grad():
+        b.tag += 1e-6
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+
+
+def test_a_retrained_m_starts_the_best_real_check_afresh(tmp_path):
+    # C reads M's features, so a check played with an earlier M says little of C with the new one.
+    scores = iter([90.0, 80.0, 70.0, 60.0])
+
+    def evaluate_fn(params, episodes, seed):
+        return [next(scores)] * episodes
+
+    old, new = TaggedLifeM(1.0), TaggedLifeM(2.0)
+    train_controller(make_run(tmp_path, generations=2, eval_every=1), progress=False, m=old, starts=STARTS,
+                     evaluate_fn=evaluate_fn)
+    summary = train_controller(make_run(tmp_path, generations=4, eval_every=1), progress=False, m=new,
+                               starts=STARTS, evaluate_fn=evaluate_fn)
+    assert summary["best_real_generation"] == 3 and summary["best_real_score"] == 70.0
+    checks = load_state(tmp_path / STATE_FILE)["checks"]
+    assert [ch["m"] for ch in checks] == [weights_fingerprint(old)] * 2 + [weights_fingerprint(new)] * 2
+    params, meta = load_controller(tmp_path / "controller.pt")
+    assert meta["generation"] == 3
+    np.testing.assert_array_equal(params, checks[2]["params"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.cmaes import STATE_FILE, _new_state, _save_state
+from agents.cmaes import STATE_FILE, _new_state, _save_state, load_state
 from agents.controller import load_controller, save_controller
 from agents.select import SELECT_SEED_BASE, select_controller
 from worldmodel.runs import open_run
@@ -85,3 +85,18 @@ def test_scores_hold_only_for_the_same_way_of_acting(make_run):
     again = FakeGame([0.0, 0.0, 0.0])  # the deterministic scores are still there for a deterministic rerun
     assert select_controller(open_run(run.dir, None, ["controller.action_noise=0"]), again)["selected_generation"] == 20
     assert again.calls == []
+
+
+def test_only_checks_played_with_the_current_m_are_candidates(make_run):
+    run = _run_with_checks(make_run, [300.0, 700.0, 900.0])
+    state = load_state(run.path(STATE_FILE))
+    for check, m in zip(state["checks"], ["old", "new", "new"]):
+        check["m"] = m
+    _save_state(run.path(STATE_FILE), state)
+    game = FakeGame([1000.0, 650.0, 500.0])
+    summary = select_controller(run, game, m_id="new")
+    assert sorted(i for i, _, _ in game.calls) == [1, 2]  # controller 0 was checked with another M
+    assert summary["selected_generation"] == 20
+    later = FakeGame([0.0, 0.0, 0.0])
+    assert select_controller(run, later, m_id="newer")["selected"].startswith("skipped")
+    assert later.calls == []
