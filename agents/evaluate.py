@@ -3,8 +3,8 @@
 Episodes are split into tasks of a few seeds each; a worker steps its task's
 environments in lockstep so V and M run batched over them.  The random policy
 plays the same seeds for comparison; its episodes are kept from the run's last
-``eval.json`` while env, seeds and step limit stay the same, since they do not depend on
-the agent.  Results go to ``<run>/eval.json``.
+``eval.json`` while env, frame skip, seeds and step limit stay the same, since they do not
+depend on the agent.  Results go to ``<run>/eval.json``.
 """
 
 from __future__ import annotations
@@ -141,14 +141,16 @@ def dream_score(run: Run, episodes: int, seed: int) -> dict:
 
 def _earlier_random(run: Run, seeds: list[int]) -> list[dict] | None:
     """The random policy's episodes from the run's eval.json when they were played on the same
-    env, seeds and step limit (they do not depend on the agent); None otherwise."""
+    env, frame skip, seeds and step limit (they do not depend on the agent); None otherwise."""
     path = run.path("eval.json")
+    env = run.cfg.env
     try:
         report = json.loads(path.read_text())
-        same = (report["env"] == run.cfg.env.name and report["seeds"] == [seeds[0], seeds[-1]]
-                and report["max_steps"] == run.cfg.env.max_steps and report["random"]["episodes"] == len(seeds))
+        same = (report["env"] == env.name and report["frame_skip"] == env.frame_skip
+                and report["seeds"] == [seeds[0], seeds[-1]] and report["max_steps"] == env.max_steps
+                and report["random"]["episodes"] == len(seeds))
         episodes = report["random"]["episodes_detail"]
-    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or written before max_steps was kept
+    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or from before these were kept
         return None
     return episodes if same and isinstance(episodes, list) and len(episodes) == len(seeds) else None
 
@@ -173,6 +175,7 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
     report = {
         "env": cfg.env.name,
         "seeds": [seeds[0], seeds[-1]],
+        "frame_skip": cfg.env.frame_skip,
         "max_steps": cfg.env.max_steps,
         "agent": {**_stats([r["return"] for r in agent]), "episodes_detail": agent},
         "random": {**_stats([r["return"] for r in random]), "episodes_detail": random},

@@ -182,6 +182,7 @@ def test_report_scores_agent_and_random_policy_on_the_same_seeds(evaluated, by_h
     result, report = evaluated
     assert report["env"] == "takecover" and report["seeds"] == [SEED, SEED + EPISODES - 1]
     assert report["max_steps"] == tiny["run"].cfg.env.max_steps
+    assert report["frame_skip"] == tiny["run"].cfg.env.frame_skip
     agent, random = report["agent"], report["random"]
     assert [e["seed"] for e in agent["episodes_detail"]] == by_hand["seeds"]
     assert [e["seed"] for e in random["episodes_detail"]] == by_hand["seeds"]
@@ -216,12 +217,13 @@ def test_random_policy_is_played_again_unless_env_seeds_and_step_limit_match(mak
     run = make_run()
     seeds = [5, 6, 7]
     played = [{"seed": s, "return": float(s), "steps": 3} for s in seeds]
-    report = {"env": run.cfg.env.name, "seeds": [5, 7], "max_steps": run.cfg.env.max_steps,
-              "random": {"episodes": 3, "episodes_detail": played}}
+    report = {"env": run.cfg.env.name, "frame_skip": run.cfg.env.frame_skip, "seeds": [5, 7],
+              "max_steps": run.cfg.env.max_steps, "random": {"episodes": 3, "episodes_detail": played}}
     write_json(run.path("eval.json"), report)
     assert _earlier_random(run, seeds) == played
     assert _earlier_random(run, [5, 6, 7, 8]) is None  # more episodes
-    for key, value in (("env", "carracing"), ("max_steps", run.cfg.env.max_steps + 1), ("max_steps", None)):
+    for key, value in (("env", "carracing"), ("max_steps", run.cfg.env.max_steps + 1), ("max_steps", None),
+                       ("frame_skip", run.cfg.env.frame_skip + 1), ("frame_skip", None)):
         changed = {**report, key: value} if value is not None else {k: v for k, v in report.items() if k != key}
         write_json(run.path("eval.json"), changed)
         assert _earlier_random(run, seeds) is None, key
