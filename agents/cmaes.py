@@ -221,7 +221,7 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
 
 
 def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: DreamSettings,
-                    starts: torch.Tensor, c, evaluate_fn: EvaluateFn | None, m_id: str | None = None) -> dict:
+                    starts: torch.Tensor, c, evaluate_fn: EvaluateFn | None, m_id: str) -> dict:
     """Ask, dream, tell, maybe check the centre in the real game; updates ``state`` in place.
 
     ``m_id``: :func:`weights_fingerprint` of the M the real game's agent plays with; each check
