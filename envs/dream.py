@@ -20,6 +20,11 @@ live dream its stream's row (``imagine_step(..., noise=...)``), so candidate i's
 sees the same start z and the same noise as every other candidate's rollout j, however
 many dreams have already ended; fitness differences then come from the controllers, not
 from luck.
+
+Dream dropout (``cmaes.dream_dropout`` > 0): before the first step every stream draws
+one mask (``m.dropout_masks``), and its dreams run in that thinned M to the end.  Each
+rollout of a candidate is then a slightly different world (Wellmer & Kwok 2021), while
+candidates still meet the same worlds.
 """
 
 from __future__ import annotations
@@ -53,13 +58,14 @@ class DreamSettings:
     done_threshold: float = 0.5
     reward: str = "alive"
     action_noise: float = 0.0
+    dropout: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> DreamSettings:
         c = cfg.cmaes
         base = cls(features=cfg.controller.features, temperature=c.temperature, max_steps=c.max_steps,
                    done=c.done, done_threshold=c.done_threshold, reward=REWARD_MODES[cfg.env.name],
-                   action_noise=cfg.controller.action_noise)
+                   action_noise=cfg.controller.action_noise, dropout=c.dream_dropout)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def ended(self, done_prob: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
@@ -118,6 +124,7 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
 
     params: (N, P) controller weights; z0: (N, Z) start latents; streams: (N,) int64 noise
     stream of each dream, values in [0, S) (None: every dream its own stream, S = N).
+    With ``settings.dropout`` > 0, the S streams' masks are drawn from ``generator`` first.
     Per step M's noise for the S streams is drawn from ``generator`` (then the done
     uniforms (S,) when ``settings.done == "sample"``, then the action noise (S, A) when
     ``settings.action_noise`` > 0), so the draws do not depend on how many dreams are
@@ -132,6 +139,9 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
     lengths = torch.full((n,), settings.max_steps, dtype=torch.int64, device=device)
     terminated = torch.zeros(n, dtype=torch.bool, device=device)
     p, z, state = params.to(device), z0, m.initial_state(n)
+    masks = m.dropout_masks(n_streams, settings.dropout, generator) if settings.dropout > 0 else None
+    if masks is not None and stream is not None:
+        masks = masks.index_select(0, stream)
     for t in range(settings.max_steps):
         a = act_batched(spec, p, m.features(state, z, settings.features))
         noise = m.sample_noise(n_streams, generator)
@@ -143,7 +153,8 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
             eps = None if eps is None else eps.index_select(0, stream)
         if eps is not None:
             a = add_action_noise(spec, a, settings.action_noise, eps)
-        state, z, r, d = m.imagine_step(state, z, a, settings.temperature, noise=noise)
+        thinned = {} if masks is None else {"dropout": masks}  # an M without dream dropout never sees it
+        state, z, r, d = m.imagine_step(state, z, a, settings.temperature, noise=noise, **thinned)
         if settings.reward == "model":
             returns.index_add_(0, rows, r.to(returns.dtype))
         ended = settings.ended(d, u)
@@ -157,6 +168,7 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
         state = tuple(s.index_select(0, keep) for s in state)
         z, p, rows = z.index_select(0, keep), p.index_select(0, keep), rows.index_select(0, keep)
         stream = keep if stream is None else stream.index_select(0, keep)
+        masks = None if masks is None else masks.index_select(0, keep)
     if settings.reward == "alive":
         returns = lengths.to(returns.dtype)
     return DreamResult(returns=returns, lengths=lengths, terminated=terminated)
@@ -193,6 +205,7 @@ class DreamEnv(gym.Env):
         self._gen: torch.Generator | None = None
         self._state = None
         self._z: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
         self._t = 0
 
     def _obs(self) -> np.ndarray:
@@ -206,6 +219,8 @@ class DreamEnv(gym.Env):
             self._gen = torch.Generator(device="cpu").manual_seed(torch_seed)
         with torch.inference_mode():
             self._z = sample_start_z(self.starts, 1, self._gen).to(self._device)
+            dropout = self.settings.dropout
+            self._mask = self.m.dropout_masks(1, dropout, self._gen) if dropout > 0 else None
             self._state = self.m.initial_state(1)
             self._t = 0
             return self._obs(), {}
@@ -220,7 +235,7 @@ class DreamEnv(gym.Env):
             u = rand((1,), self._gen, self._device) if self.settings.done == "sample" else None
             self._state, self._z, r, d = self.m.imagine_step(
                 self._state, self._z, torch.from_numpy(a).to(self._device), self.settings.temperature,
-                noise=noise)
+                noise=noise, **({} if self._mask is None else {"dropout": self._mask}))
             terminated = bool(self.settings.ended(d, u)[0])
             obs = self._obs()
         self._t += 1

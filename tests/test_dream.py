@@ -20,6 +20,7 @@ from envs.dream import (
     sample_start_z,
 )
 from worldmodel import config as config_lib
+from worldmodel.errors import UserError
 from worldmodel.m import WorldModel
 from worldmodel.mdnrnn import MDNRNN
 from worldmodel.vae import ConvVAE
@@ -147,13 +148,15 @@ def recording(imagine_step, zs: list):
     return step
 
 
-@pytest.mark.parametrize("done,reward,done_bias", [("sample", "alive", -3.0), ("threshold", "model", 0.2)])
-def test_single_batched_dream_matches_dream_env(done, reward, done_bias, monkeypatch):
+@pytest.mark.parametrize("done,reward,done_bias,dropout", [
+    ("sample", "alive", -3.0, 0.0), ("threshold", "model", 0.2, 0.0), ("threshold", "alive", 0.2, 0.3)])
+def test_single_batched_dream_matches_dream_env(done, reward, done_bias, dropout, monkeypatch):
     m = tiny_mdnrnn(done_bias=done_bias)
     with torch.no_grad():
         m.head.weight[-1].zero_()
         m.head.weight[-1, 0] = 2.0  # P(done) follows h[0]: the threshold is crossed at some step
-    settings = DreamSettings(temperature=1.2, max_steps=40, done=done, done_threshold=0.7, reward=reward)
+    settings = DreamSettings(temperature=1.2, max_steps=40, done=done, done_threshold=0.7, reward=reward,
+                             dropout=dropout)
     spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
     starts = starts_for(4)
     lengths = []
@@ -202,6 +205,47 @@ def test_common_random_numbers_across_candidates():
     torch.testing.assert_close(ab.returns[:3], ac.returns[:3])
     assert aa.lengths[:3].tolist() == aa.lengths[3:].tolist()
     assert len(set(ab.lengths.tolist())) > 1  # the test is not vacuous: dreams end at different steps
+
+
+def test_dream_dropout_is_one_mask_per_stream_for_the_whole_dream(monkeypatch):
+    """Every dream runs in its stream's thinned M from start to end; candidates share the masks."""
+    m = tiny_mdnrnn()
+    spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
+    params = torch.randn(1, spec.num_params, generator=torch.Generator().manual_seed(0)).expand(6, -1)
+    streams = torch.tensor([0, 1, 2, 0, 1, 2])
+    masks_seen = []
+
+    def step(state, z, a, tau, generator=None, noise=None, dropout=None):
+        masks_seen.append(dropout.clone())
+        return MDNRNN.imagine_step(m, state, z, a, tau, generator, noise, dropout)
+
+    def run(dropout, record=False):
+        gen = torch.Generator().manual_seed(7)
+        z0 = sample_start_z(starts_for(4), 3, gen).repeat(2, 1)
+        with monkeypatch.context() as patch:
+            if record:
+                patch.setattr(m, "imagine_step", step)
+            return dream_rollouts(m, params, spec, z0, DreamSettings(max_steps=60, done="sample", dropout=dropout),
+                                  gen, streams)
+
+    plain, thinned = run(0.0), run(0.5, record=True)
+    first = masks_seen[0]
+    assert first.shape == (6, 4 + 8)
+    assert set(first.unique().tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1 / (1 - 0.5)
+    torch.testing.assert_close(first[:3], first[3:])  # one mask per stream
+    assert not torch.equal(first[0], first[1])
+    # Each live dream keeps its mask: the rows of every later step are rows of the first.
+    for later in masks_seen[1:]:
+        assert all(any(torch.equal(row, f) for f in first) for row in later)
+    assert thinned.lengths[:3].tolist() == thinned.lengths[3:].tolist()  # common random numbers hold
+    assert thinned.lengths.tolist() != plain.lengths.tolist()
+
+
+def test_dream_dropout_on_an_m_without_it_is_a_user_error():
+    m = FakeM()
+    spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
+    with pytest.raises(UserError, match="cmaes.dream_dropout"):
+        dream_rollouts(m, torch.zeros(2, spec.num_params), spec, torch.zeros(2, 3), DreamSettings(dropout=0.1))
 
 
 @pytest.mark.parametrize("env_name", ["takecover", "carracing"])

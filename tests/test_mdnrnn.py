@@ -298,3 +298,52 @@ def test_bfloat16_dream_step_stays_close_and_observe_stays_float32():
         torch.testing.assert_close(x, y, atol=0, rtol=0)
     m.set_dream_precision(None)
     torch.testing.assert_close(m.imagine_step(state, z, a, 1.15, noise=noise)[1], full[1], atol=0, rtol=0)
+
+
+def test_dream_dropout_thins_the_cells_z_and_h_input_only():
+    """A mask multiplies the [z, h] the cell reads; c, the heads and the controller's features are untouched."""
+    m, g = _model(), torch.Generator().manual_seed(3)
+    z, a = torch.randn(6, Z, generator=g), torch.rand(6, A, generator=g) * 2 - 1
+    state = (torch.randn(6, H, generator=g), torch.randn(6, H, generator=g))
+    masks = m.dropout_masks(6, 0.4, g)
+    assert masks.shape == (6, Z + H)
+    noise = m.sample_noise(6, g)
+    got = m.imagine_step(state, z, a, 1.15, noise=noise, dropout=masks)
+    want = m.imagine_step((state[0] * masks[:, Z:], state[1]), z * masks[:, :Z], a, 1.15, noise=noise)
+    for x, y in zip([*got[0], *got[1:]], [*want[0], *want[1:]]):
+        torch.testing.assert_close(x, y)
+    ones = m.imagine_step(state, z, a, 1.15, noise=noise, dropout=torch.ones(6, Z + H))
+    plain = m.imagine_step(state, z, a, 1.15, noise=noise)
+    for x, y in zip([*ones[0], *ones[1:]], [*plain[0], *plain[1:]]):
+        torch.testing.assert_close(x, y)
+    # Chained from the row buffer, the mask still leaves the features (the buffer itself) alone.
+    s1, z1, _, _ = m.imagine_step(state, z, a, 1.15, noise=noise)
+    before = m.features(s1, z1, "zh").clone()
+    m.imagine_step(s1, z1, a, 1.15, noise=noise, dropout=masks)
+    torch.testing.assert_close(torch.cat([z1, s1[0]], 1), before)
+
+
+def test_dropout_masks_drop_about_the_rate_and_rescale_the_rest():
+    m = _model()
+    masks = m.dropout_masks(4000, 0.2, torch.Generator().manual_seed(0))
+    assert set(masks.unique().tolist()) == {0.0, 1.25}
+    assert (masks == 0).float().mean().item() == pytest.approx(0.2, abs=0.01)
+    with pytest.raises(ValueError):
+        m.dropout_masks(2, 1.0, None)
+
+
+def test_training_dropout_is_random_in_train_mode_and_off_in_eval():
+    torch.manual_seed(0)
+    m = MDNRNN(Z, A, H, K, dropout=0.3)
+    plain = MDNRNN(Z, A, H, K)
+    plain.load_state_dict(m.state_dict())
+    batch = _batch(t=6)
+    m.train()
+    first, second = m.loss(batch)["loss"], m.loss(batch)["loss"]
+    assert not torch.equal(first, second)
+    first.backward()
+    assert m.lstm.weight_hh_l0.grad is not None and m.lstm.weight_hh_l0.grad.abs().sum() > 0
+    m.eval(), plain.eval()
+    torch.testing.assert_close(m.loss(batch)["loss"], plain.loss(batch)["loss"])
+    with pytest.raises(ValueError):
+        MDNRNN(Z, A, H, K, dropout=1.0)

@@ -189,6 +189,7 @@ class BeliefModel(WorldModel):
         temperature: float,
         generator: torch.Generator | None = None,
         noise: tuple[torch.Tensor, ...] | None = None,
+        dropout: torch.Tensor | None = None,
     ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
         """z_t: (B, Z), a_t: (B, A) -> (state_{t+1}, z_{t+1} (B, Z), r_{t+1} (B,), P(d_{t+1}) (B,)).
 
@@ -196,6 +197,8 @@ class BeliefModel(WorldModel):
         temperature τ (logits / τ, σ √τ), r_{t+1} and a calibrated P(d_{t+1}).
         noise: :meth:`sample_noise` rows; None draws them from ``generator`` (τ = 0 draws nothing).
         """
+        if dropout is not None:
+            raise ValueError("the belief model has no dream dropout (see WorldModel.dropout_masks)")
         if torch.is_grad_enabled():  # only then: under inference_mode, no_grad slows every op
             with torch.no_grad():
                 return self.imagine_step(state, z, action, temperature, generator, noise)

@@ -78,6 +78,9 @@ class ModelConfig:
     done_weight: float = _f(1.0, low=0.0, doc="weight of the done loss")
     done_pos_weight: float = _f(10.0, low=0.0, doc="BCE weight of the (rare) done=1 class")
     predict_reward: bool = _f(True, doc="train a reward head (off for TakeCover: +1 alive)")
+    dropout: float = _f(0.0, low=0.0, high=0.9, doc="mdnrnn: training dropout on the LSTM's z input "
+                                                     "(a mask per sequence) and its recurrent h (a mask "
+                                                     "per batch), as M for cmaes.dream_dropout is trained")
     overshoot: int = _f(8, low=1, doc="belief: overshoot length K")
     overshoot_weight: float = _f(1.0, low=0.0, doc="belief: weight of steps beyond the first")
     sim_hidden: Optional[int] = _f(None, low=1, doc="belief: simulation core (GRU) size; null = hidden // 2")
@@ -115,6 +118,9 @@ class CMAESConfig:
                    doc="how M's calibrated P(done) ends a dream: P > done_threshold, or a Bernoulli sample")
     done_threshold: float = _f(0.1, low=0.0, high=1.0,
                                doc="a harsh dream (low threshold) transfers better; docs/results.md")
+    dream_dropout: float = _f(0.0, low=0.0, high=0.9, doc="each dream drops this share of M's z and h "
+                                                           "inputs, one mask for its whole length: every "
+                                                           "dream is a different M (Wellmer & Kwok 2021)")
     eval_every: int = _f(10, low=0, doc="real-env check of the best every N generations; 0 = never")
     eval_episodes: int = _f(8, low=1)
     select_top: int = _f(3, low=1, doc="after training: how many of the best real checks to re-play")

@@ -12,7 +12,8 @@ the members' mean reward less ``cmaes.disagreement`` (λ) times their spread: an
 uncertainty penalty in the manner of model-based offline RL (MOPO, Yu et al. 2020).
 
 Only the first member (``m.pt``) moves the dream: its z sample, its done probability
-and its features for the controller, exactly as without an ensemble; the others
+and its features for the controller, exactly as without an ensemble (and it alone is
+thinned by ``cmaes.dream_dropout``); the others
 (``m1.pt``, ``m2.pt``, ...) follow the same z's and actions with their own states, and
 only their rewards are used.  In the real game the agent needs the first member alone.
 """
@@ -69,12 +70,17 @@ class Ensemble(WorldModel):
     def sample_noise(self, batch_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
         return self.members[0].sample_noise(batch_size, generator)
 
+    def dropout_masks(self, batch_size: int, rate: float, generator: torch.Generator | None) -> torch.Tensor:
+        """The first member's masks: it alone moves the dream, so it alone is thinned."""
+        return self.members[0].dropout_masks(batch_size, rate, generator)
+
     def imagine_step(self, state: State, z: torch.Tensor, action: torch.Tensor, temperature: float,
                      generator: torch.Generator | None = None,
-                     noise: tuple[torch.Tensor, ...] | None = None):
+                     noise: tuple[torch.Tensor, ...] | None = None, dropout: torch.Tensor | None = None):
         parts = self._split(state)
+        thinned = {} if dropout is None else {"dropout": dropout}
         first_state, z_next, reward, done = self.members[0].imagine_step(parts[0], z, action, temperature,
-                                                                        generator, noise)
+                                                                        generator, noise, **thinned)
         new_state, rewards = list(first_state), [reward]
         for m, part in zip(self.members[1:], parts[1:]):
             s, r = m.step_reward(part, z, action)  # the others draw no z of their own

@@ -20,6 +20,12 @@ random numbers).  Without ``noise``, ``imagine_step`` draws
 ``sample_noise(B, generator)`` itself (or nothing, where the step needs no
 randomness, e.g. at τ = 0): both ways give the same step.  The dream's own
 randomness (start z, the done rule) stays in the dream.
+
+Dream dropout (``cmaes.dream_dropout``; Wellmer & Kwok 2021, "Dropout's Dream Land"):
+``dropout_masks(B, rate, generator)`` draws one mask per dream, and
+``imagine_step(..., dropout=mask_rows)`` steps a thinned M, so that every dream is a
+slightly different world and a controller cannot fit the quirks of one.  Only a
+module that implements :meth:`WorldModel.dropout_masks` takes masks.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class WorldModel(nn.Module, abc.ABC):
         temperature: float,
         generator: torch.Generator | None = None,
         noise: tuple[torch.Tensor, ...] | None = None,
+        dropout: torch.Tensor | None = None,
     ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One dream step from z_t (B, Z) and a_t (B, A).
 
@@ -97,7 +104,16 @@ class WorldModel(nn.Module, abc.ABC):
         predicted reward r_{t+1} (B,), probability that the episode ended d_{t+1} (B,)).
         noise: rows of :meth:`sample_noise`, row i for row i of the batch; None draws
         ``sample_noise(B, generator)``.
+        dropout: rows of :meth:`dropout_masks`, row i for row i of the batch; None: all of M.
         """
+
+    def dropout_masks(self, batch_size: int, rate: float, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, ...) masks for :meth:`imagine_step`'s ``dropout``: each drops ``rate`` of M's inputs.
+
+        A module without dream dropout (this default) refuses.
+        """
+        raise UserError(f"cmaes.dream_dropout: model.m {type(self).__name__} has no dream dropout "
+                        "(the mdnrnn has); set cmaes.dream_dropout to 0")
 
     def set_dream_precision(self, dtype: torch.dtype | None) -> None:
         """Let the dream multiply in ``dtype`` (None: float32).  A module may ignore it."""

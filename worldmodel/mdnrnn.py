@@ -14,6 +14,13 @@ is the argmax of logits / τ + Gumbel — and a standard normal ε per dimension
 Training runs ``nn.LSTM`` over whole subsequences.  Stepping (``observe``,
 ``imagine_step``) runs the same LSTM cell as two GEMMs on fused copies of its weights,
 since the dream's speed hangs on it (docs/benchmarks.md, "Dream").
+
+Dropout (Wellmer & Kwok 2021, "Dropout's Dream Land"): with ``model.dropout`` = p,
+training drops z inputs (a mask per sequence) and units of the recurrent h (a mask
+per batch, on the columns of the recurrent weights, so the fused ``nn.LSTM`` still
+runs), scaling the kept ones by 1 / (1 - p).  The dream (``cmaes.dream_dropout``)
+thins the cell's [z, h] input the same way with one mask per dream; the heads and
+the real game always use the whole M.
 """
 
 from __future__ import annotations
@@ -136,8 +143,11 @@ class MDNRNN(WorldModel):
 
     def __init__(self, z_dim: int, action_dim: int, hidden: int, mixtures: int, *,
                  predict_reward: bool = True, reward_weight: float = 1.0, done_weight: float = 1.0,
-                 done_pos_weight: float = 1.0) -> None:
+                 done_pos_weight: float = 1.0, dropout: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         self.z_dim, self.action_dim = z_dim, action_dim
         self.hidden, self.mixtures = hidden, mixtures
         self.predict_reward = predict_reward
@@ -155,7 +165,7 @@ class MDNRNN(WorldModel):
         m = cfg.model
         return cls(z_dim, action_dim, m.hidden, m.mixtures, predict_reward=m.predict_reward,
                    reward_weight=m.reward_weight, done_weight=m.done_weight,
-                   done_pos_weight=m.done_pos_weight)
+                   done_pos_weight=m.done_pos_weight, dropout=m.dropout)
 
     # ------------------------------------------------------------- heads
 
@@ -189,7 +199,15 @@ class MDNRNN(WorldModel):
         if state is None:
             state = self.initial_state(z.shape[0])
         h0, c0 = (s.unsqueeze(0).contiguous() for s in state)
-        out, (h, c) = self.lstm(torch.cat([z, action], dim=-1), (h0, c0))
+        if self.training and self.dropout > 0:
+            keep = 1.0 - self.dropout
+            z = z * (torch.rand_like(z[:, :1]) < keep).to(z.dtype) / keep
+            w_hh = self.lstm.weight_hh_l0
+            units = (torch.rand_like(w_hh[:1]) < keep).to(w_hh.dtype) / keep  # (1, H): columns of W_hh
+            out, (h, c) = torch.func.functional_call(
+                self.lstm, {"weight_hh_l0": w_hh * units}, (torch.cat([z, action], dim=-1), (h0, c0)))
+        else:
+            out, (h, c) = self.lstm(torch.cat([z, action], dim=-1), (h0, c0))
         return self.heads(out), (h[0], c[0])
 
     # ------------------------------------------------------------- the M interface
@@ -215,6 +233,13 @@ class MDNRNN(WorldModel):
     def sample_noise(self, batch_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
         """(Gumbel (B, K, Z), ε (B, Z)) on M's device; see :func:`mixture_noise`."""
         return mixture_noise((batch_size,), self.z_dim, self.mixtures, generator, self.head.weight.device)
+
+    def dropout_masks(self, batch_size: int, rate: float, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, Z + H) masks over the cell's [z, h] input: 0 with probability ``rate``, else 1 / (1 - rate)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        u = rand((batch_size, self.z_dim + self.hidden), generator, self.head.weight.device)
+        return (u >= rate).to(u.dtype).div_(1.0 - rate)
 
     def observe(self, state: State, z: torch.Tensor, action: torch.Tensor) -> State:
         """z_t: (B, Z), a_t: (B, A) -> state_{t+1}.  Inference only (no gradients)."""
@@ -242,23 +267,28 @@ class MDNRNN(WorldModel):
         temperature: float,
         generator: torch.Generator | None = None,
         noise: tuple[torch.Tensor, ...] | None = None,
+        dropout: torch.Tensor | None = None,
     ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
         """z_t: (B, Z), a_t: (B, A) -> (state_{t+1}, z_{t+1} (B, Z), r_{t+1} (B,), P(d_{t+1}) (B,)).
 
         noise: :meth:`sample_noise` rows; None draws them from ``generator`` (τ = 0 draws
-        nothing).  h' and z' are written into one fresh row buffer [z', h', 1, ·], so that
-        the next step (and :meth:`features`) can use it without copying.
+        nothing).  dropout: :meth:`dropout_masks` rows (B, Z + H), multiplying the cell's
+        [z, h] input.  h' and z' are written into one fresh row buffer [z', h', 1, ·], so
+        that the next step (and :meth:`features`) can use it without copying.
         """
         if torch.is_grad_enabled():  # only then: under inference_mode, no_grad slows every op of the step
             with torch.no_grad():
-                return self.imagine_step(state, z, action, temperature, generator, noise)
+                return self.imagine_step(state, z, action, temperature, generator, noise, dropout)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         n, zd, k = z.shape[0], self.z_dim, self.mixtures
         if noise is None and temperature > 0:
             noise = self.sample_noise(n, generator)
         w_gates, w_head = self._weights(temperature, self.dream_dtype)
-        nxt, h, c = self._cell(self._row(state, z, action), state[1], w_gates)
+        row = self._row(state, z, action)
+        if dropout is not None:  # a thinned copy: the row buffer also holds the controller's features
+            row = torch.cat([row[:, : zd + self.hidden] * dropout, row[:, zd + self.hidden:]], dim=1)
+        nxt, h, c = self._cell(row, state[1], w_gates)
         out = _mm(nxt[:, zd: zd + self.hidden + 1], w_head)  # [h', 1] -> (B, 3KZ + 2)
         z_next = sample_mixture(out[:, : 3 * k * zd].view(n, 3, k, zd), temperature, noise, out=nxt[:, :zd])
         self._step_cache.last = nxt

@@ -335,11 +335,14 @@ class TDVAE(WorldModel):
         temperature: float,
         generator: torch.Generator | None = None,
         noise: tuple[torch.Tensor, ...] | None = None,
+        dropout: torch.Tensor | None = None,
     ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
         """z_t: (B, Z), a_t: (B, A) -> (state_{t+1}, z_{t+1} (B, Z), r_{t+1} (B,), P(d_{t+1}) (B,)).
 
         A jump of δ = 1 (:meth:`imagine_jump`).
         """
+        if dropout is not None:
+            raise ValueError("TD-VAE has no dream dropout (see WorldModel.dropout_masks)")
         return self.imagine_jump(state, z, action[:, None], temperature, generator, noise)
 
     def imagine_jump(
