@@ -13,6 +13,7 @@ from worldmodel.io import read_jsonl, save_checkpoint
 from worldmodel.latents import Latents, load_latents, make_batch, split_episodes, windows
 from worldmodel.m import build_m
 from worldmodel.runs import open_run
+from worldmodel.torch_utils import cpu_has_native_bf16
 from worldmodel.train_m import NEEDS_V, done_quality, load_m, save_m, train_m
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
@@ -60,9 +61,20 @@ def test_train_m_end_to_end(tmp_path, capsys, precision):
         assert key in records[-1] and key in summary
     assert records[-1]["done_eval_split"] == "val" and summary["val_episodes"] >= 1
     assert 0.0 <= summary["false_early_death_rate"] <= 1.0
-    assert "false early deaths" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "false early deaths" in out
+    # Without AVX-512 BF16 or AMX, oneDNN has no bfloat16 LSTM: M falls back to float32, and says so.
+    assert ("M trains in float32" in out) == (precision == "bfloat16" and not cpu_has_native_bf16())
     m = load_m(run.m_path, run.cfg, Z, A)
     assert m.feature_dim(run.cfg.controller.features) == Z + run.cfg.model.hidden
+
+
+def test_bfloat16_on_a_cpu_without_it_trains_m_in_float32(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("worldmodel.train_m.cpu_has_native_bf16", lambda: False)
+    run = _run(tmp_path, overrides=["system.precision=bfloat16", "model.epochs=1"])
+    summary = train_m(run)
+    assert "M trains in float32" in capsys.readouterr().out
+    assert summary["epoch"] == 1 and np.isfinite(summary["train/loss"])
 
 
 def test_resume_continues_after_last_epoch(tmp_path, capsys):

@@ -26,7 +26,7 @@ from worldmodel.latents import Latents, list_latents, load_latents, make_batch, 
 from worldmodel.m import WorldModel, build_m
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
-from worldmodel.torch_utils import autocast, resolve_device, resolve_precision
+from worldmodel.torch_utils import autocast, cpu_has_native_bf16, resolve_device, resolve_precision
 
 NEEDS_V = "train-rnn needs V's latents: run `python run.py train-vae` first"
 CKPT_NAME = "m_ckpt.pt"
@@ -229,6 +229,11 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
     train, val = data.subset(train_ids), (data.subset(val_ids) if len(val_ids) else None)
     del data
     precision = resolve_precision(cfg.system.precision, device)
+    if precision is not None and device.type == "cpu" and not cpu_has_native_bf16():
+        # oneDNN has no bfloat16 LSTM without AVX-512: nn.LSTM would fail to build its kernel.
+        print("train-rnn: system.precision bfloat16 needs AVX-512 BF16 or AMX for M's LSTM, "
+              "which this CPU lacks; M trains in float32")
+        precision = None
     summaries = [_train_member(run, k, train, val, device, precision) for k in range(cfg.model.ensemble)]
     plot_run(run, stages=("m",))
     print(_format_done(summaries[0]))
