@@ -2,9 +2,10 @@
 
 Episodes are split into tasks of a few seeds each; a worker steps its task's
 environments in lockstep so V and M run batched over them.  The random policy
-plays the same seeds for comparison; its episodes are kept from the run's last
-``eval.json`` while env, frame skip, seeds and step limit stay the same, since they do not
-depend on the agent.  Results go to ``<run>/eval.json``.
+plays the same seeds for comparison, and in TakeCover with ``eval.pacer_steps`` a blind
+pacer too (agents/policies.py); their episodes are kept from the run's last ``eval.json``
+while env, frame skip, seeds and step limit stay the same, since they do not depend on the
+agent.  Results go to ``<run>/eval.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 import envs
 from agents.agent import Agent
-from agents.policies import RandomPolicy
+from agents.policies import PacingPolicy, RandomPolicy
 from agents.workers import default_workers, run_tasks
 from worldmodel import config as config_lib
 from worldmodel.errors import UserError
@@ -44,9 +45,10 @@ def play(task: dict) -> list[dict]:
     if task["policy"] == "agent":
         agent = Agent.from_run(task["run"], cfg, task.get("params"))
         agent.reset(len(seeds), seeds)
-    else:
-        randoms = [RandomPolicy(games[0].action_space) for _ in seeds]
-        for policy, s in zip(randoms, seeds):
+    else:  # a baseline: one policy per environment, its draws from the episode's seed
+        baselines = [PacingPolicy(cfg.eval.pacer_steps) if task["policy"] == "pacing"
+                     else RandomPolicy(games[0].action_space) for _ in seeds]
+        for policy, s in zip(baselines, seeds):
             policy.reset(np.random.default_rng(s))
     alive = list(range(len(seeds)))
     returns, steps = np.zeros(len(seeds)), np.zeros(len(seeds), int)
@@ -54,7 +56,7 @@ def play(task: dict) -> list[dict]:
         if task["policy"] == "agent":
             actions = agent.act(frames)
         else:
-            actions = np.stack([randoms[i].act(None) for i in alive])
+            actions = np.stack([baselines[i].act(None) for i in alive])
         keep, next_frames = [], []
         for row, i in enumerate(alive):
             obs, reward, terminated, truncated, _ = games[i].step(actions[row])
@@ -91,7 +93,7 @@ def _stats(returns: list[float]) -> dict:
 def play_many(run: Run, policy: str, seeds: list[int], params: np.ndarray | None = None,
               workers: int | None = None, backend: str | None = None, video_seeds: tuple = (),
               progress: bool = False, desc: str = "evaluate") -> list[dict]:
-    """Play ``seeds`` with the agent (``policy="agent"``) or the random policy, in parallel."""
+    """Play ``seeds`` with the agent (``policy="agent"``) or a baseline ("random", "pacing"), in parallel."""
     cfg = run.cfg
     workers = workers or cfg.eval.workers or default_workers()
     per_task = max(1, min(ENVS_PER_TASK, -(-len(seeds) // workers)))
@@ -117,11 +119,13 @@ def evaluate_params(run: Run, params: np.ndarray, episodes: int, seed: int,
     return [r["return"] for r in play_many(run, "agent", seeds, params, workers, backend)]
 
 
-def dream_score(run: Run, episodes: int, seed: int) -> dict:
-    """The run's controller in M's dream: ``episodes`` dreams as CMA-ES dreamt them (τ, done rule).
+def dream_score(run: Run, episodes: int, seed: int, policy: str = "agent") -> dict:
+    """The run's controller (or the blind pacer, ``policy="pacing"``) in M's dream: ``episodes``
+    dreams as CMA-ES dreamt them (τ, done rule).
 
-    Each dream its own noise, drawn from ``seed``; its start z from the run's latents.
-    Returns the statistics of :func:`_stats` (with ``temperature``).
+    Each dream its own noise, drawn from ``seed``; its start z from the run's latents, so the
+    agent and the pacer meet the same dreams.  Returns the statistics of :func:`_stats` (with
+    ``temperature``).
     """
     import torch
 
@@ -131,25 +135,36 @@ def dream_score(run: Run, episodes: int, seed: int) -> dict:
     m = load_world_model(run)
     settings = DreamSettings.from_config(run.cfg)
     spec = ControllerSpec.for_config(run.cfg, m)
-    params, _ = load_controller(run.controller_path, expected_params=spec.num_params)
+    pace = None
+    if policy == "pacing":
+        pacer = PacingPolicy(run.cfg.eval.pacer_steps)
+        params = np.zeros((1, 0), np.float32)
+
+        def pace(t: int, features: torch.Tensor) -> torch.Tensor:
+            return features.new_full((features.shape[0], 1), pacer.action_at(t))
+    else:
+        params, _ = load_controller(run.controller_path, expected_params=spec.num_params)
     generator = torch.Generator().manual_seed(seed)
     z0 = sample_start_z(load_start_latents(run), episodes, generator)
     with torch.no_grad():
-        result = dream_rollouts(m, torch.as_tensor(params).expand(episodes, -1), spec, z0, settings, generator)
+        result = dream_rollouts(m, torch.as_tensor(params).reshape(1, -1).expand(episodes, -1), spec, z0,
+                                settings, generator, policy=pace)
     return {**_stats(result.returns.tolist()), "temperature": settings.temperature}
 
 
-def _earlier_random(run: Run, seeds: list[int]) -> list[dict] | None:
-    """The random policy's episodes from the run's eval.json when they were played on the same
-    env, frame skip, seeds and step limit (they do not depend on the agent); None otherwise."""
+def _earlier_baseline(run: Run, seeds: list[int], policy: str) -> list[dict] | None:
+    """A baseline's episodes ("random" or "pacing") from the run's eval.json when they were played
+    on the same env, frame skip, seeds, step limit and pacing period (they do not depend on the
+    agent); None otherwise."""
     path = run.path("eval.json")
     env = run.cfg.env
     try:
         report = json.loads(path.read_text())
         same = (report["env"] == env.name and report["frame_skip"] == env.frame_skip
                 and report["seeds"] == [seeds[0], seeds[-1]] and report["max_steps"] == env.max_steps
-                and report["random"]["episodes"] == len(seeds))
-        episodes = report["random"]["episodes_detail"]
+                and report[policy]["episodes"] == len(seeds)
+                and (policy != "pacing" or report[policy]["pacer_steps"] == run.cfg.eval.pacer_steps))
+        episodes = report[policy]["episodes_detail"]
     except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or from before these were kept
         return None
     return episodes if same and isinstance(episodes, list) and len(episodes) == len(seeds) else None
@@ -157,7 +172,7 @@ def _earlier_random(run: Run, seeds: list[int]) -> list[dict] | None:
 
 def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = None,
                  backend: str | None = None, video: bool = False, progress: bool = True) -> dict:
-    """Evaluate the run's agent and the random policy on the same seeds; write eval.json."""
+    """Evaluate the run's agent and the baselines on the same seeds; write eval.json."""
     cfg = run.cfg
     if episodes is not None and episodes < 1:
         raise UserError(f"--episodes {episodes}: must be at least 1")
@@ -168,10 +183,16 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
     start = time.perf_counter()
     agent = play_many(run, "agent", seeds, None, workers, backend, video_seeds, progress, "agent")
     agent_s = time.perf_counter() - start
-    random = _earlier_random(run, seeds)
+    random = _earlier_baseline(run, seeds, "random")
     if random is None:
         random = play_many(run, "random", seeds, None, workers, backend, (), progress, "random policy")
+    pacing = None
+    if cfg.eval.pacer_steps:
+        pacing = _earlier_baseline(run, seeds, "pacing")
+        if pacing is None:
+            pacing = play_many(run, "pacing", seeds, None, workers, backend, (), progress, "blind pacer")
     dream = dream_score(run, episodes, cfg.eval.seed)
+    pacing_dream = dream_score(run, episodes, cfg.eval.seed, "pacing") if pacing is not None else None
     report = {
         "env": cfg.env.name,
         "seeds": [seeds[0], seeds[-1]],
@@ -179,6 +200,8 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
         "max_steps": cfg.env.max_steps,
         "agent": {**_stats([r["return"] for r in agent]), "episodes_detail": agent},
         "random": {**_stats([r["return"] for r in random]), "episodes_detail": random},
+        **({"pacing": {**_stats([r["return"] for r in pacing]), "pacer_steps": cfg.eval.pacer_steps,
+                       "dream": pacing_dream, "episodes_detail": pacing}} if pacing is not None else {}),
         "dream": dream,
         "wall_seconds": agent_s,
         "videos": [str(_video_path({"run": str(run.dir), "policy": "agent", "video_seeds": video_seeds}, s))
@@ -190,7 +213,7 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
 
 
 def scores(report: dict) -> dict[str, str]:
-    """The two lines of an eval.json worth printing: the agent's score and the random policy's."""
+    """The lines of an eval.json worth printing: the agent's score, the baselines', the dream's."""
     a, r = report["agent"], report["random"]
     lines = {
         "agent": f"{a['mean']:.1f} ± {a['std']:.1f} (min {a['min']:.0f}, max {a['max']:.0f}) "
@@ -200,4 +223,9 @@ def scores(report: dict) -> dict[str, str]:
     if "dream" in report:  # the same controller in M's dream, beside its real score
         d = report["dream"]
         lines["agent in the dream"] = f"{d['mean']:.1f} ± {d['std']:.1f} over {d['episodes']} dreams (τ {d['temperature']})"
+    if "pacing" in report:
+        p = report["pacing"]
+        lines["blind pacer"] = f"{p['mean']:.1f} ± {p['std']:.1f} on the same seeds ({p['pacer_steps']} steps a leg)"
+        if p.get("dream"):
+            lines["blind pacer in the dream"] = f"{p['dream']['mean']:.1f} ± {p['dream']['std']:.1f} (the same dreams)"
     return lines

@@ -59,7 +59,8 @@ def _current_report(run: Run) -> dict | None:
         report = json.loads(path.read_text())
         episodes = report["agent"]["episodes"]
         covers = (report["env"] == run.cfg.env.name and report["seeds"][0] == cfg.seed
-                  and episodes >= cfg.episodes and report["random"]["episodes"] == episodes)
+                  and episodes >= cfg.episodes and report["random"]["episodes"] == episodes
+                  and (not cfg.pacer_steps or report.get("pacing", {}).get("pacer_steps") == cfg.pacer_steps))
     except (OSError, ValueError, KeyError, IndexError, TypeError):  # unreadable: evaluate again
         return None
     return report if covers else None
@@ -105,5 +106,9 @@ def pipeline(run: Run, workers: int | None = None, backend: str | None = None, s
     print(f"real {run.cfg.env.name}: random policy {result['random policy']}")
     if "agent in the dream" in result:
         print(f"dream {run.cfg.env.name}: agent {result['agent in the dream']}")
+    if "blind pacer" in result:
+        print(f"real {run.cfg.env.name}: blind pacer {result['blind pacer']}")
+    if "blind pacer in the dream" in result:
+        print(f"dream {run.cfg.env.name}: blind pacer {result['blind pacer in the dream']}")
     summaries["evaluate"] = result
     return summaries

@@ -30,6 +30,7 @@ candidates still meet the same worlds.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -119,10 +120,14 @@ def _gen_device(generator: torch.Generator | None) -> torch.device:
 @torch.inference_mode()
 def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0: torch.Tensor,
                    settings: DreamSettings, generator: torch.Generator | None = None,
-                   streams: torch.Tensor | None = None) -> DreamResult:
+                   streams: torch.Tensor | None = None,
+                   policy: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> DreamResult:
     """Run N dreams to their end, each with its own controller.
 
-    params: (N, P) controller weights; z0: (N, Z) start latents; streams: (N,) int64 noise
+    params: (N, P) controller weights; z0: (N, Z) start latents; ``policy(t, features)``, when
+    given, acts instead of the controllers: features (B, F) of the B live dreams at step t ->
+    actions (B, A) (a baseline such as the blind pacer; ``params`` may then be (N, 0)).
+    streams: (N,) int64 noise
     stream of each dream, values in [0, S) (None: every dream its own stream, S = N).
     With ``settings.dropout`` > 0, the S streams' masks are drawn from ``generator`` first.
     Per step M's noise for the S streams is drawn from ``generator`` (then the done
@@ -143,7 +148,8 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
     if masks is not None and stream is not None:
         masks = masks.index_select(0, stream)
     for t in range(settings.max_steps):
-        a = act_batched(spec, p, m.features(state, z, settings.features))
+        features = m.features(state, z, settings.features)
+        a = act_batched(spec, p, features) if policy is None else policy(t, features)
         noise = m.sample_noise(n_streams, generator)
         u = rand((n_streams,), generator, device) if settings.done == "sample" else None
         eps = rand((n_streams, a.shape[1]), generator, device, normal=True) if settings.action_noise > 0 else None

@@ -85,6 +85,21 @@ class TakeCoverEnv(gym.Env):
         obs = self._observe()
         return obs, reward, terminated, truncated, {}
 
+    def game_variable(self, name: str) -> float:
+        """A ViZDoom game variable by name, e.g. "HEALTH" or "POSITION_Y" (the lateral position).
+
+        For diagnostics (scripts/takecover_traces.py): the agent never sees these.
+        """
+        import vizdoom as vzd
+
+        if self._game is None:
+            raise RuntimeError("TakeCoverEnv.game_variable() called before reset()")
+        try:
+            variable = getattr(vzd.GameVariable, name)
+        except AttributeError:
+            raise ValueError(f"game variable {name!r}: ViZDoom has no such variable") from None
+        return float(self._game.get_game_variable(variable))
+
     def render(self) -> np.ndarray:
         """The full 160x120 frame (for videos)."""
         return self._frame.copy()

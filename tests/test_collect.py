@@ -242,6 +242,19 @@ def test_leaning_held_random_reaches_one_side_and_zero_lean_is_unchanged():
     assert np.mean([drift(a) > 0.5 for a in leaning]) > 0.25  # many leaning episodes mostly press one way
 
 
+def test_pacer_runs_full_legs_left_then_right_and_ignores_the_screen():
+    from agents.policies import PacingPolicy
+
+    pacer = PacingPolicy(3)
+    pacer.reset(np.random.default_rng(0))
+    first = np.concatenate([pacer.act(np.full((64, 64, 3), i, np.uint8)) for i in range(8)])
+    assert first.tolist() == [-1, -1, -1, 1, 1, 1, -1, -1]
+    pacer.reset(np.random.default_rng(1))  # a new episode starts a new left leg
+    assert np.concatenate([pacer.act(None) for _ in range(4)]).tolist() == [-1, -1, -1, 1]
+    with pytest.raises(ValueError, match="steps 0"):
+        PacingPolicy(0)
+
+
 def test_road_policy_gas_level_varies_by_episode_not_by_frame():
     """Each episode drives at its own gas level, drawn from its seed; the frame never moves the gas."""
     from agents.policies import RoadFollowingPolicy

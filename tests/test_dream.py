@@ -185,6 +185,40 @@ def test_single_batched_dream_matches_dream_env(done, reward, done_bias, dropout
     assert min(lengths) > 10  # long enough to compare many steps
 
 
+def test_a_policy_acts_instead_of_the_controllers_as_in_dream_env():
+    """``policy`` (the blind pacer of agents/policies.py) drives the batched dream as DreamEnv does."""
+    from agents.policies import PacingPolicy
+
+    m = tiny_mdnrnn(done_bias=0.2)
+    with torch.no_grad():
+        m.head.weight[-1].zero_()
+        m.head.weight[-1, 0] = 2.0  # P(done) follows h[0], which the actions move
+    settings = DreamSettings(temperature=1.2, max_steps=40, done_threshold=0.7)
+    spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
+    pacer, starts, seen = PacingPolicy(3), starts_for(4), []
+
+    def pace(t, features):
+        seen.append(features.shape)
+        return features.new_full((features.shape[0], 1), pacer.action_at(t))
+
+    for seed in (2, 3):
+        env = DreamEnv(m, starts, "takecover", settings)
+        env.reset(seed=seed)
+        pacer.reset()
+        steps, terminated = 0, False
+        while True:
+            _, _, terminated, truncated, _ = env.step(pacer.act(None))
+            steps += 1
+            if terminated or truncated:
+                break
+        gen = torch.Generator().manual_seed(seed)
+        seen.clear()
+        res = dream_rollouts(m, torch.zeros(1, 0), spec, sample_start_z(starts, 1, gen), settings, gen, policy=pace)
+        assert (int(res.lengths[0]), bool(res.terminated[0])) == (steps, terminated)
+        assert seen == [(1, m.feature_dim("zh"))] * steps
+        assert 3 < steps < 40  # the pacer's turns happen inside the dream
+
+
 def test_common_random_numbers_across_candidates():
     """Rollout j of a candidate does not depend on which other candidates share the batch."""
     m = tiny_mdnrnn()

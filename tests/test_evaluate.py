@@ -24,7 +24,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from agents.controller import ControllerSpec, save_controller
-from agents.evaluate import _earlier_random, evaluate_params, play
+from agents.evaluate import _earlier_baseline, dream_score, evaluate_params, play
 from worldmodel import config as config_lib
 from worldmodel.episodes import episode_path, save_episode
 from worldmodel.io import write_json
@@ -36,8 +36,9 @@ from worldmodel.vae import ConvVAE, save_vae
 SEED = 10_000  # eval.seed
 EPISODES = 3
 MAX_STEPS = 300  # long enough that some episodes end by death, at different steps
+PACER_STEPS = 40  # several legs of the blind pacer within MAX_STEPS
 OVERRIDES = [f"env.max_steps={MAX_STEPS}", f"eval.seed={SEED}", f"eval.episodes={EPISODES}", "eval.workers=2",
-             "eval.video_episodes=1", "system.device=cpu"]
+             "eval.video_episodes=1", f"eval.pacer_steps={PACER_STEPS}", "system.device=cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,22 @@ def _hand_random_episode(seed: int) -> tuple[float, int]:
     return total, steps
 
 
+def _hand_pacing_episode(seed: int) -> tuple[float, int]:
+    """The blind pacer: left for PACER_STEPS steps, right for as many, and so on, whatever it sees."""
+    env = envs.make("takecover", max_steps=MAX_STEPS)
+    env.reset(seed=seed)
+    total, steps = 0.0, 0
+    while True:
+        action = -1.0 if (steps // PACER_STEPS) % 2 == 0 else 1.0
+        _, reward, terminated, truncated, _ = env.step(np.array([action], np.float32))
+        total += reward
+        steps += 1
+        if terminated or truncated:
+            break
+    env.close()
+    return total, steps
+
+
 @pytest.fixture(scope="module")
 def by_hand(tiny):
     seeds = list(range(SEED, SEED + EPISODES))
@@ -125,7 +142,8 @@ def by_hand(tiny):
     return {"seeds": seeds,
             "agent": [r for r, _, _ in agent], "agent_steps": [n for _, n, _ in agent],
             "actions": np.concatenate([a for _, _, a in agent]),
-            "random": [_hand_random_episode(s) for s in seeds]}
+            "random": [_hand_random_episode(s) for s in seeds],
+            "pacing": [_hand_pacing_episode(s) for s in seeds]}
 
 
 def test_hand_loop_is_not_vacuous(by_hand):
@@ -155,7 +173,7 @@ def _task(run, policy: str, seeds: list[int]) -> dict:
             "seeds": seeds}
 
 
-@pytest.mark.parametrize("policy", ["agent", "random"])
+@pytest.mark.parametrize("policy", ["agent", "random", "pacing"])
 def test_lockstep_batch_equals_one_seed_per_task(tiny, by_hand, policy):
     run, seeds = tiny["run"], by_hand["seeds"]
     together = play(_task(run, policy, seeds))
@@ -163,7 +181,7 @@ def test_lockstep_batch_equals_one_seed_per_task(tiny, by_hand, policy):
     assert together == alone
     assert [r["seed"] for r in together] == seeds
     expected = (list(zip(by_hand["agent"], by_hand["agent_steps"])) if policy == "agent"
-                else by_hand["random"])
+                else by_hand[policy])
     assert [(r["return"], r["steps"]) for r in together] == expected
 
 
@@ -197,6 +215,17 @@ def test_report_scores_agent_and_random_policy_on_the_same_seeds(evaluated, by_h
         assert (block["min"], block["max"]) == (returns.min(), returns.max())
     assert f"{agent['mean']:.1f} ± {agent['std']:.1f}" in result.stdout
     assert f"{random['mean']:.1f} ± {random['std']:.1f} on the same seeds" in result.stdout
+    pacing = report["pacing"]  # eval.pacer_steps > 0: the blind pacer on the same seeds
+    assert pacing["pacer_steps"] == PACER_STEPS
+    assert [(e["return"], e["steps"]) for e in pacing["episodes_detail"]] == by_hand["pacing"]
+    assert pacing["mean"] == pytest.approx(np.mean([r for r, _ in by_hand["pacing"]]))
+    assert by_hand["pacing"] != by_hand["random"]
+    assert f"blind pacer: {pacing['mean']:.1f} ± {pacing['std']:.1f} on the same seeds" in result.stdout
+    # ... and in the agent's dreams (same start z and noise): M's verdict on a policy that cannot look
+    assert pacing["dream"] == dream_score(tiny["run"], EPISODES, SEED, "pacing")
+    assert pacing["dream"]["episodes"] == EPISODES
+    assert 1 <= pacing["dream"]["min"] <= pacing["dream"]["max"] <= tiny["run"].cfg.cmaes.max_steps
+    assert f"blind pacer in the dream: {pacing['dream']['mean']:.1f} ± {pacing['dream']['std']:.1f}" in result.stdout
     dream = report["dream"]  # the same controller in M's dream, as CMA-ES dreamt
     assert dream["episodes"] == EPISODES and dream["temperature"] == tiny["run"].cfg.cmaes.temperature
     assert 1 <= dream["min"] <= dream["mean"] <= dream["max"] <= tiny["run"].cfg.cmaes.max_steps
@@ -220,15 +249,29 @@ def test_random_policy_is_played_again_unless_env_seeds_and_step_limit_match(mak
     report = {"env": run.cfg.env.name, "frame_skip": run.cfg.env.frame_skip, "seeds": [5, 7],
               "max_steps": run.cfg.env.max_steps, "random": {"episodes": 3, "episodes_detail": played}}
     write_json(run.path("eval.json"), report)
-    assert _earlier_random(run, seeds) == played
-    assert _earlier_random(run, [5, 6, 7, 8]) is None  # more episodes
+    assert _earlier_baseline(run, seeds, "random") == played
+    assert _earlier_baseline(run, seeds, "pacing") is None  # never played
+    assert _earlier_baseline(run, [5, 6, 7, 8], "random") is None  # more episodes
     for key, value in (("env", "carracing"), ("max_steps", run.cfg.env.max_steps + 1), ("max_steps", None),
                        ("frame_skip", run.cfg.env.frame_skip + 1), ("frame_skip", None)):
         changed = {**report, key: value} if value is not None else {k: v for k, v in report.items() if k != key}
         write_json(run.path("eval.json"), changed)
-        assert _earlier_random(run, seeds) is None, key
+        assert _earlier_baseline(run, seeds, "random") is None, key
     run.path("eval.json").write_text("{torn")
-    assert _earlier_random(run, seeds) is None
+    assert _earlier_baseline(run, seeds, "random") is None
+
+
+def test_pacer_is_played_again_when_its_leg_length_changes(make_run):
+    run = make_run(overrides=["eval.pacer_steps=110"])
+    seeds = [5, 6, 7]
+    played = [{"seed": s, "return": float(s), "steps": 3} for s in seeds]
+    report = {"env": run.cfg.env.name, "frame_skip": run.cfg.env.frame_skip, "seeds": [5, 7],
+              "max_steps": run.cfg.env.max_steps,
+              "pacing": {"episodes": 3, "pacer_steps": 110, "episodes_detail": played}}
+    write_json(run.path("eval.json"), report)
+    assert _earlier_baseline(run, seeds, "pacing") == played
+    write_json(run.path("eval.json"), {**report, "pacing": {**report["pacing"], "pacer_steps": 80}})
+    assert _earlier_baseline(run, seeds, "pacing") is None
 
 
 # ----------------------------------------------------------------- bad input

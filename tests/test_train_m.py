@@ -10,7 +10,7 @@ import torch
 
 from worldmodel.errors import UserError
 from worldmodel.io import read_jsonl, save_checkpoint
-from worldmodel.latents import Latents, load_latents, make_batch, split_episodes, windows
+from worldmodel.latents import Latents, load_latents, make_batch, split_episodes, windows, with_done_horizon
 from worldmodel.m import build_m
 from worldmodel.runs import open_run
 from worldmodel.torch_utils import cpu_has_native_bf16
@@ -179,3 +179,42 @@ def test_done_quality_counts_steps_and_early_deaths():
     assert q["done_precision"] == pytest.approx(2 / 90)
     assert q["done_recall"] == 1.0
     assert q["false_early_death_rate"] == pytest.approx(2 / 3)  # 30 and 50 steps: first death too early
+
+
+class _Counting(torch.nn.Module):
+    """A stub M whose P(done) after step t is (t + 1) / 100."""
+
+    def initial_state(self, batch_size: int):
+        return (torch.zeros(batch_size),)
+
+    def imagine_step(self, state, z, action, temperature, generator=None):
+        count = state[0] + 1
+        return (count,), z, torch.zeros_like(count), count / 100
+
+
+def test_done_quality_reports_the_warning_before_each_death():
+    lengths = np.array([10, 30, 50])
+    terminated = np.zeros(90, dtype=bool)
+    terminated[[9, 39]] = True  # the first two die at their last step, the third is truncated
+    data = Latents(np.zeros((90, Z), np.float32), np.zeros((90, Z), np.float32), np.zeros((90, A), np.float32),
+                   np.zeros(90, np.float32), terminated, np.array([0, 10, 40]), lengths, [])
+    q = done_quality(_Counting(), data, 0.5, torch.device("cpu"))
+    # deaths at steps 9 and 29 of their episodes; the truncated episode does not count
+    for k in (0, 1, 3, 6):
+        assert q[f"done_p_{k}_before_death"] == pytest.approx(((10 - k) + (30 - k)) / 2 / 100), k
+
+
+def test_done_horizon_marks_the_steps_before_each_death_within_its_episode():
+    lengths = np.array([3, 6, 4])
+    terminated = np.zeros(13, dtype=bool)
+    terminated[[2, 8]] = True  # episodes 0 and 1 die at their last step; episode 2 is cut short
+    data = Latents(np.zeros((13, Z), np.float32), np.zeros((13, Z), np.float32), np.zeros((13, A), np.float32),
+                   np.zeros(13, np.float32), terminated, np.array([0, 3, 9]), lengths, [])
+    assert with_done_horizon(data, 1) is data
+    wide = with_done_horizon(data, 4)
+    assert wide.terminated.tolist() == [True, True, True,            # only 3 steps: stops at its start
+                                        False, False, True, True, True, True,
+                                        False, False, False, False]
+    assert data.terminated.sum() == 2  # the original is untouched
+    assert np.array_equal(wide.mu, data.mu) and np.array_equal(wide.lengths, data.lengths)
+

@@ -77,6 +77,8 @@ class ModelConfig:
     reward_weight: float = _f(1.0, low=0.0, doc="weight of the reward loss")
     done_weight: float = _f(1.0, low=0.0, doc="weight of the done loss")
     done_pos_weight: float = _f(10.0, low=0.0, doc="BCE weight of the (rare) done=1 class")
+    done_horizon: int = _f(1, low=1, doc="the done head learns 'death within the next N steps' (1 = the next "
+                                         "step, as the paper); a dream then ends up to N - 1 steps early")
     predict_reward: bool = _f(True, doc="train a reward head (off for TakeCover: +1 alive)")
     dropout: float = _f(0.0, low=0.0, high=0.9, doc="mdnrnn: training dropout on the LSTM's z input "
                                                      "(a mask per sequence) and its recurrent h (a mask "
@@ -144,6 +146,8 @@ class EvalConfig:
     seed: int = _f(10_000, low=0, doc="first seed; held apart from collection seeds")
     workers: Optional[int] = _f(None, low=1, doc="worker processes; null = one per core")
     video_episodes: int = _f(3, low=0)
+    pacer_steps: int = _f(0, low=0, doc="TakeCover: also score a blind pacer on the same seeds (full speed left "
+                                        "for this many steps, then right, and so on; 110 crosses the room); 0 = off")
 
 
 @dataclass
@@ -288,6 +292,9 @@ def validate(cfg: Config) -> None:
         raise UserError(
             f"config collect.hold_min: {cfg.collect.hold_min} is above collect.hold_max {cfg.collect.hold_max}"
         )
+    if cfg.eval.pacer_steps and cfg.env.name != "takecover":
+        raise UserError(f"config eval.pacer_steps: {cfg.eval.pacer_steps} is for TakeCover, not {cfg.env.name} "
+                        "(set it to 0)")
     if cfg.cmaes.disagreement > 0 and (cfg.model.ensemble < 2 or not cfg.model.predict_reward):
         raise UserError(f"config cmaes.disagreement: {cfg.cmaes.disagreement} needs model.ensemble >= 2 "
                         f"(is {cfg.model.ensemble}) and model.predict_reward: true (is {cfg.model.predict_reward})")

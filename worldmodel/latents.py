@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +150,19 @@ def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
     if val_fraction > 0 and n > 1:
         n_val = max(n_val, 1)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def with_done_horizon(data: Latents, horizon: int) -> Latents:
+    """A copy whose ``terminated`` also marks the ``horizon`` - 1 steps before each death
+    (within its episode): the done head then learns "death within the next ``horizon``
+    steps" (``model.done_horizon``).  ``horizon`` 1 returns ``data`` itself."""
+    if horizon <= 1:
+        return data
+    terminated = data.terminated.copy()
+    for death in np.flatnonzero(data.terminated):
+        start = data.starts[np.searchsorted(data.starts, death, side="right") - 1]
+        terminated[max(start, death - horizon + 1): death + 1] = True
+    return replace(data, terminated=terminated)
 
 
 def windows(data: Latents, seq_len: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:

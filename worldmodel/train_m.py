@@ -22,7 +22,15 @@ from tqdm import tqdm
 from worldmodel.config import Config
 from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, load_checkpoint, load_state_dict_checked, save_checkpoint
-from worldmodel.latents import Latents, list_latents, load_latents, make_batch, split_episodes, windows
+from worldmodel.latents import (
+    Latents,
+    list_latents,
+    load_latents,
+    make_batch,
+    split_episodes,
+    windows,
+    with_done_horizon,
+)
 from worldmodel.m import WorldModel, build_m
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
@@ -32,6 +40,8 @@ NEEDS_V = "train-rnn needs V's latents: run `python run.py train-vae` first"
 CKPT_NAME = "m_ckpt.pt"
 #: A predicted death this many steps or more before the real end counts as a false early death.
 EARLY_DEATH_MARGIN = 20
+#: ``done_quality`` reports M's mean P(done) this many steps before each real death.
+WARNING_STEPS = (0, 1, 3, 6)
 #: numpy stream for the validation z sample (training epochs are 1, 2, ...).
 _VAL_STREAM = 0
 
@@ -130,13 +140,17 @@ def done_quality(m: WorldModel, data: Latents, threshold: float, device: torch.d
     Per step (all episodes, all steps): precision and recall of P(d_{t+1}) > ``threshold``
     against ``terminated``.  Per episode: ``false_early_death_rate``, the share of
     episodes whose first predicted death comes more than ``EARLY_DEATH_MARGIN`` steps
-    before the episode's real end.
+    before the episode's real end.  ``done_p_{k}_before_death``: the mean P(done) k steps
+    before the last step of the episodes that end in a death (k in ``WARNING_STEPS``; k = 0
+    is the step that kills), i.e. how much warning the head gives.
     """
     m.eval()
     n, t_max = data.n_episodes, int(data.lengths.max())
     starts, lengths = data.starts, data.lengths
     state = m.initial_state(n)
     first_death = np.full(n, -1, dtype=np.int64)
+    died = data.terminated[starts + lengths - 1]
+    before_death = np.full((n, max(WARNING_STEPS) + 1), np.nan)  # column k: P(done) k steps before the end
     tp = fp = fn = 0
     for t in range(t_max):
         alive = lengths > t
@@ -150,6 +164,9 @@ def done_quality(m: WorldModel, data: Latents, threshold: float, device: torch.d
         fp += int((pred & ~target).sum())
         fn += int((~pred & target).sum())
         first_death[(first_death < 0) & pred] = t
+        k = lengths - 1 - t
+        near = died & (k >= 0) & (k < before_death.shape[1])
+        before_death[near, k[near]] = p_done.float().cpu().numpy()[near]
     early = (first_death >= 0) & (first_death < lengths - 1 - EARLY_DEATH_MARGIN)
     m.train()
     return {
@@ -159,6 +176,9 @@ def done_quality(m: WorldModel, data: Latents, threshold: float, device: torch.d
         "done_threshold": threshold,
         "done_eval_episodes": n,
         "done_eval_deaths": int(data.terminated.sum()),
+        **{f"done_p_{k}_before_death": (float(np.nanmean(before_death[:, k]))
+                                        if np.isfinite(before_death[:, k]).any() else None)
+           for k in WARNING_STEPS},
     }
 
 
@@ -224,7 +244,7 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
     cfg = run.cfg
     device = resolve_device(cfg.system.device)
     z_dim = vae_z_dim(run)
-    data = load_latents(run.latents_dir, z_dim, skip_bad=skip_bad)
+    data = with_done_horizon(load_latents(run.latents_dir, z_dim, skip_bad=skip_bad), cfg.model.done_horizon)
     train_ids, val_ids = split_episodes(data.n_episodes, cfg.model.val_fraction, cfg.model.seed)
     train, val = data.subset(train_ids), (data.subset(val_ids) if len(val_ids) else None)
     del data
@@ -285,4 +305,6 @@ def _format_done(s: dict[str, Any]) -> str:
             f"(threshold {s['done_threshold']}): precision {_fmt(s['done_precision'])}, "
             f"recall {_fmt(s['done_recall'])}, "
             f"false early deaths (> {EARLY_DEATH_MARGIN} steps before the end) "
-            f"{_fmt(s['false_early_death_rate'])}")
+            f"{_fmt(s['false_early_death_rate'])}; mean P(done) "
+            + ", ".join(f"{_fmt(s.get(f'done_p_{k}_before_death'))}" for k in WARNING_STEPS)
+            + f" at {', '.join(map(str, WARNING_STEPS))} steps before a death")
