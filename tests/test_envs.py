@@ -99,6 +99,26 @@ def test_takecover_truncates_at_max_steps():
     assert [s[0] for s in steps] == [1.0] * 7  # +1 per step survived
 
 
+def test_takecover_game_variables_track_position_and_health():
+    env = envs.make("takecover")
+    try:
+        with pytest.raises(RuntimeError, match="before reset"):
+            env.game_variable("HEALTH")
+        env.reset(seed=0)
+        start = env.game_variable("POSITION_Y")
+        assert env.game_variable("HEALTH") == 100.0
+        for _ in range(40):  # the player stands still for the first steps, then speeds up
+            env.step(np.array([-1.0], np.float32))  # facing the imps, left is +y
+        left = env.game_variable("POSITION_Y")
+        for _ in range(40):
+            env.step(np.array([1.0], np.float32))
+        assert left > start + 20 and env.game_variable("POSITION_Y") < left - 40
+        with pytest.raises(ValueError, match="'NO_SUCH'"):
+            env.game_variable("NO_SUCH")
+    finally:
+        env.close()
+
+
 def test_takecover_render_is_the_full_frame():
     env = envs.make("takecover")
     try:

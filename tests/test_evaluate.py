@@ -274,6 +274,29 @@ def test_pacer_is_played_again_when_its_leg_length_changes(make_run):
     assert _earlier_baseline(run, seeds, "pacing") is None
 
 
+def test_traces_script_replays_the_evaluated_episodes(tiny, evaluated, tmp_path):
+    """scripts/takecover_traces.py plays the agent as evaluate does: the same steps per seed."""
+    _, report = evaluated
+    png = tmp_path / "before_hit.png"
+    result = subprocess.run([sys.executable, "scripts/takecover_traces.py", "--run", str(tiny["run"].dir),
+                             "--episodes", str(EPISODES), "--seed", str(SEED), "--recon", str(png)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line[:5].isdigit()]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(e["seed"], e["steps"]) for e in report["agent"]["episodes_detail"]]
+    assert f"{EPISODES} episodes: {report['agent']['mean']:.1f} ± {report['agent']['std']:.1f} steps" in result.stdout
+    if any(int(r[2]) for r in rows):  # an episode with a hit long enough to look back 30 steps
+        assert png.stat().st_size > 0
+
+
+def test_traces_script_refuses_a_carracing_run(make_run):
+    run = make_run(overrides=["env.name=carracing"])
+    result = subprocess.run([sys.executable, "scripts/takecover_traces.py", "--run", str(run.dir)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "carracing" in result.stderr and result.stderr.startswith("error:")
+
+
 # ----------------------------------------------------------------- bad input
 
 def _cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
