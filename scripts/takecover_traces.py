@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 BEFORE_HIT = (30, 20, 12, 6, 2, 0)
 
 
