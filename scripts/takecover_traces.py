@@ -27,9 +27,12 @@ import numpy as np
 BEFORE_HIT = (30, 20, 12, 6, 2, 0)
 
 
-def thirds(a: np.ndarray) -> np.ndarray:
-    """Continuous actions -> -1 / 0 / +1, as TakeCover presses them (envs/takecover.py)."""
-    return np.where(a < -1 / 3, -1, np.where(a > 1 / 3, 1, 0))
+def press(action: np.ndarray) -> int:
+    """-1 / 0 / +1: the button TakeCover presses for ``action`` (left / none / right)."""
+    from envs.takecover import discretize
+
+    left, right = discretize(float(np.asarray(action).reshape(-1)[0]))
+    return right - left
 
 
 def play(env, policy, seed: int, keep_frames: bool) -> dict:
@@ -43,16 +46,14 @@ def play(env, policy, seed: int, keep_frames: bool) -> dict:
         frame, _, terminated, truncated, _ = env.step(a)
         ys.append(env.game_variable("POSITION_Y"))
         health.append(env.game_variable("HEALTH"))
-        presses.append(int(thirds(np.asarray(a).reshape(-1)[:1])[0]))
+        presses.append(press(a))
         if keep_frames and before_hit is None and health[-1] < health[-2] and len(frames) > max(BEFORE_HIT):
             before_hit = np.stack([frames[-1 - k] for k in BEFORE_HIT])
     ys, presses = np.array(ys), np.array(presses)
-    moving = presses[presses != 0]
-    turns = np.flatnonzero(np.diff(moving) != 0)
-    last_move = np.flatnonzero(presses != 0)
-    since_turn = None
-    if len(turns) and len(last_move):  # steps from the press that began the last leg to the end
-        since_turn = int(len(presses) - 1 - np.flatnonzero(presses != 0)[turns[-1] + 1])
+    moves = np.flatnonzero(presses != 0)  # the steps that pressed left or right
+    turns = np.flatnonzero(np.diff(presses[moves]) != 0)
+    # steps from the press that began the last leg to the end
+    since_turn = int(len(presses) - 1 - moves[turns[-1] + 1]) if len(turns) else None
     return {"seed": seed, "steps": len(presses), "died": bool(terminated),
             "hits": int((np.diff(health) < 0).sum()),
             "shares": [float((presses == v).mean()) for v in (-1, 0, 1)], "turns": len(turns),

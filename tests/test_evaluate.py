@@ -103,14 +103,14 @@ def _hand_agent_episode(tiny: dict, seed: int, noise: float = 0.0) -> tuple[floa
     return total, steps, actions
 
 
-def _hand_random_episode(seed: int) -> tuple[float, int]:
-    """The random policy: a fresh U(-1, 1) action each step from numpy's generator seeded with the seed."""
+def _hand_baseline_episode(seed: int, action) -> tuple[float, int]:
+    """A blind baseline by hand: ``action(step, rng)`` each step, rng numpy's generator seeded with the seed."""
     env = envs.make("takecover", max_steps=MAX_STEPS)
     env.reset(seed=seed)
     rng = np.random.default_rng(seed)
     total, steps = 0.0, 0
     while True:
-        _, reward, terminated, truncated, _ = env.step(np.array([rng.uniform(-1.0, 1.0)], np.float32))
+        _, reward, terminated, truncated, _ = env.step(np.array([action(steps, rng)], np.float32))
         total += reward
         steps += 1
         if terminated or truncated:
@@ -119,20 +119,14 @@ def _hand_random_episode(seed: int) -> tuple[float, int]:
     return total, steps
 
 
-def _hand_pacing_episode(seed: int) -> tuple[float, int]:
+def _random_action(step: int, rng: np.random.Generator) -> float:
+    """The random policy: a fresh U(-1, 1) action each step."""
+    return rng.uniform(-1.0, 1.0)
+
+
+def _pacing_action(step: int, rng: np.random.Generator) -> float:
     """The blind pacer: left for PACER_STEPS steps, right for as many, and so on, whatever it sees."""
-    env = envs.make("takecover", max_steps=MAX_STEPS)
-    env.reset(seed=seed)
-    total, steps = 0.0, 0
-    while True:
-        action = -1.0 if (steps // PACER_STEPS) % 2 == 0 else 1.0
-        _, reward, terminated, truncated, _ = env.step(np.array([action], np.float32))
-        total += reward
-        steps += 1
-        if terminated or truncated:
-            break
-    env.close()
-    return total, steps
+    return -1.0 if (step // PACER_STEPS) % 2 == 0 else 1.0
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +136,8 @@ def by_hand(tiny):
     return {"seeds": seeds,
             "agent": [r for r, _, _ in agent], "agent_steps": [n for _, n, _ in agent],
             "actions": np.concatenate([a for _, _, a in agent]),
-            "random": [_hand_random_episode(s) for s in seeds],
-            "pacing": [_hand_pacing_episode(s) for s in seeds]}
+            "random": [_hand_baseline_episode(s, _random_action) for s in seeds],
+            "pacing": [_hand_baseline_episode(s, _pacing_action) for s in seeds]}
 
 
 def test_hand_loop_is_not_vacuous(by_hand):
