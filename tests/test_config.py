@@ -53,8 +53,10 @@ def _write(tmp_path, data):
     ({"vae": 3}, ["vae", "3"]),
     ({"collect": {"hold_min": 5, "hold_max": 2}}, ["collect.hold_min", "5"]),
     ({"env": {"name": "carracing"}, "eval": {"pacer_steps": 110}}, ["eval.pacer_steps", "110", "carracing"]),
+    ({"model": {"m": "belief", "mixture": "joint"}}, ["model.mixture", "joint", "belief"]),
 ], ids=["unknown-key", "unknown-section", "wrong-type", "float-for-int", "str-for-bool", "below-min",
-        "above-max", "bad-env", "bad-choice", "section-not-mapping", "cross-field", "pacer-outside-takecover"])
+        "above-max", "bad-env", "bad-choice", "section-not-mapping", "cross-field", "pacer-outside-takecover",
+        "joint-mixture-outside-mdnrnn"])
 def test_bad_file_is_refused_by_name(tmp_path, data, named):
     with pytest.raises(UserError) as info:
         config_lib.load(_write(tmp_path, data))

@@ -67,9 +67,10 @@ class FakeM(WorldModel):
         raise NotImplementedError
 
 
-def tiny_mdnrnn(z_dim: int = 4, hidden: int = 8, done_bias: float = -3.0, seed: int = 0) -> MDNRNN:
+def tiny_mdnrnn(z_dim: int = 4, hidden: int = 8, done_bias: float = -3.0, seed: int = 0,
+                mixture: str = "per_dim") -> MDNRNN:
     torch.manual_seed(seed)
-    m = MDNRNN(z_dim, 1, hidden, 3).eval()
+    m = MDNRNN(z_dim, 1, hidden, 3, mixture=mixture).eval()
     with torch.no_grad():
         m.head.bias[-1] = done_bias  # P(done) ~ 5% a step: dreams of a few dozen steps
     return m
@@ -148,10 +149,11 @@ def recording(imagine_step, zs: list):
     return step
 
 
-@pytest.mark.parametrize("done,reward,done_bias,dropout", [
-    ("sample", "alive", -3.0, 0.0), ("threshold", "model", 0.2, 0.0), ("threshold", "alive", 0.2, 0.3)])
-def test_single_batched_dream_matches_dream_env(done, reward, done_bias, dropout, monkeypatch):
-    m = tiny_mdnrnn(done_bias=done_bias)
+@pytest.mark.parametrize("done,reward,done_bias,dropout,mixture", [
+    ("sample", "alive", -3.0, 0.0, "per_dim"), ("threshold", "model", 0.2, 0.0, "per_dim"),
+    ("threshold", "alive", 0.2, 0.3, "per_dim"), ("threshold", "alive", 0.0, 0.0, "joint")])
+def test_single_batched_dream_matches_dream_env(done, reward, done_bias, dropout, mixture, monkeypatch):
+    m = tiny_mdnrnn(done_bias=done_bias, mixture=mixture)
     with torch.no_grad():
         m.head.weight[-1].zero_()
         m.head.weight[-1, 0] = 2.0  # P(done) follows h[0]: the threshold is crossed at some step

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import linear_world_batch
-from torch.distributions import Categorical, MixtureSameFamily, Normal
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from worldmodel.mdnrnn import MDNRNN, mdn_log_prob, mdn_sample
+from worldmodel.mdnrnn import MDNRNN, joint_log_prob, mdn_log_prob, mdn_sample
 
 Z, A, H, K = 5, 3, 16, 3
 
@@ -44,6 +44,32 @@ def test_mdn_log_prob_matches_torch_distributions():
     x = 2 * torch.randn(4, 6, Z, generator=g)
     expected = _mixture(logits, mu, log_sigma).log_prob(x)
     torch.testing.assert_close(mdn_log_prob(logits, mu, log_sigma, x), expected)
+
+
+def test_joint_log_prob_matches_torch_distributions():
+    """One categorical over K diagonal Gaussians on the whole z, not one mixture per dimension."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, K, generator=g)
+    mu, log_sigma = (torch.randn(4, 6, Z, K, generator=g) for _ in range(2))
+    x = 2 * torch.randn(4, 6, Z, generator=g)
+    expected = MixtureSameFamily(Categorical(logits=logits),
+                                 Independent(Normal(mu.transpose(-1, -2), log_sigma.exp().transpose(-1, -2)), 1))
+    torch.testing.assert_close(joint_log_prob(logits, mu, log_sigma, x), expected.log_prob(x))
+
+
+def test_joint_loss_scores_the_whole_z_under_one_mixture():
+    m, batch = _model(mixture="joint"), _batch()
+    p, _ = m(batch["z"], batch["action"])
+    assert p["logits"].shape == (4, 7, Z, K)
+    assert torch.equal(p["logits"][..., 0, :], p["logits"][..., Z - 1, :])  # one set of logits for all of z
+    mask = batch["mask"]
+    z_mask = (mask[:, :-1] & mask[:, 1:]).float()
+    mix = MixtureSameFamily(Categorical(logits=p["logits"][:, :-1, 0]),
+                            Independent(Normal(p["mu"][:, :-1].transpose(-1, -2),
+                                               p["log_sigma"][:, :-1].exp().transpose(-1, -2)), 1))
+    z_nll = (-mix.log_prob(batch["z"][:, 1:]) / Z * z_mask).sum() / z_mask.sum()
+    torch.testing.assert_close(m.loss(batch)["z_nll"], z_nll)
+    assert m.head.out_features == K + 2 * Z * K + 2
 
 
 def test_loss_terms_match_independent_computation():
@@ -121,8 +147,9 @@ def test_features_shapes():
         m.features(state, z, "hz")
 
 
-def test_stepping_matches_sequence_forward():
-    m, batch = _model(), _batch(t=5)
+@pytest.mark.parametrize("mixture", ["per_dim", "joint"])
+def test_stepping_matches_sequence_forward(mixture):
+    m, batch = _model(mixture=mixture), _batch(t=5)
     p, (h_seq, c_seq) = m(batch["z"], batch["action"])
     state = m.initial_state(4)
     for t in range(5):
@@ -147,16 +174,17 @@ def _reference_step(m: MDNRNN, state, z, action, temperature, noise):
     return state, z_next, p["reward"][:, 0], torch.sigmoid(p["done_logit"][:, 0] - torch.log(m.done_pos_weight))
 
 
+@pytest.mark.parametrize("mixture", ["per_dim", "joint"])
 @pytest.mark.parametrize("tau", [1.15, 1.0])
-def test_imagine_step_with_noise_matches_lstm_and_gumbel_max(tau):
+def test_imagine_step_with_noise_matches_lstm_and_gumbel_max(tau, mixture):
     """Three chained steps (the later ones reuse the row buffer) against an independent computation."""
-    m, g = _model(), torch.Generator().manual_seed(5)
+    m, g = _model(mixture=mixture), torch.Generator().manual_seed(5)
     z, a = torch.randn(6, Z, generator=g), torch.rand(6, 3, A, generator=g) * 2 - 1
     state = ref_state = (torch.randn(6, H, generator=g), torch.randn(6, H, generator=g))
     ref_z = z
     for t in range(3):
         noise = m.sample_noise(6, g)
-        assert [tuple(x.shape) for x in noise] == [(6, K, Z), (6, Z)]
+        assert [tuple(x.shape) for x in noise] == [(6, K, 1 if mixture == "joint" else Z), (6, Z)]
         state, z, reward, done = m.imagine_step(state, z, a[:, t], tau, noise=noise)
         ref_state, ref_z, ref_reward, ref_done = _reference_step(m, ref_state, ref_z, a[:, t], tau, noise)
         for got, want in zip([*state, z, reward, done], [*ref_state, ref_z, ref_reward, ref_done]):
@@ -217,6 +245,28 @@ def test_noise_path_statistics_match_tempered_mixture(tau):
     torch.testing.assert_close(samples.var(0), expected.variance, atol=0.0, rtol=0.03)
 
 
+def test_joint_mixture_moves_every_dimension_with_one_component():
+    """Two components at +3 and -3 on every dimension: a joint sample sits wholly in one of them,
+    while per-dimension sampling mixes signs across dimensions."""
+    n, g = 4000, torch.Generator().manual_seed(0)
+    z, a = torch.randn(n, Z, generator=g), torch.randn(n, A, generator=g)
+    same_sign = {}
+    for mixture in ("per_dim", "joint"):
+        m = MDNRNN(Z, A, H, 2, mixture=mixture)
+        with torch.no_grad():  # heads that ignore h: equal weights, means ±3, σ = e^-2
+            m.head.weight.zero_()
+            m.head.bias.zero_()
+            nl = m.n_logits
+            m.head.bias[nl: nl + 2 * Z * 2].view(2, Z, 2)[0] = torch.tensor([3.0, -3.0])
+            m.head.bias[nl: nl + 2 * Z * 2].view(2, Z, 2)[1] = -2.0
+        samples = m.imagine_step(m.initial_state(n), z, a, 1.0, noise=m.sample_noise(n, g))[1]
+        signs = samples.sign()
+        same_sign[mixture] = (signs == signs[:, :1]).all(1).float().mean().item()
+        assert abs((samples[:, 0] > 0).float().mean().item() - 0.5) < 0.05  # both components drawn
+    assert same_sign["joint"] == 1.0
+    assert same_sign["per_dim"] < 0.2  # 2 / 2^5 expected
+
+
 def test_stepping_follows_changed_weights():
     """The fused step weights are rebuilt when the parameters change in place or move."""
     m, batch = _model(), _batch()
@@ -242,11 +292,12 @@ def test_imagine_step_is_reproducible_with_generator():
     torch.testing.assert_close(outs[0], outs[1])
 
 
-def test_training_drives_loss_down():
+@pytest.mark.parametrize("mixture", ["per_dim", "joint"])
+def test_training_drives_loss_down(mixture):
     """Two hundred Adam steps on a tiny deterministic world: z_{t+1} = 0.8 z_t + a_t[0]."""
     torch.manual_seed(0)
     batch = linear_world_batch(16, 12, Z, A)
-    m = _model()
+    m = _model(mixture=mixture)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     first = {k: v.item() for k, v in m.loss(batch).items()}
     for _ in range(200):

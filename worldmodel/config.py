@@ -68,7 +68,11 @@ class VAEConfig:
 class ModelConfig:
     m: str = _f("mdnrnn", doc="which M module (worldmodel/registry)")
     hidden: int = _f(256, low=1, doc="LSTM size (paper: 512 TakeCover, 256 CarRacing)")
-    mixtures: int = _f(5, low=1, doc="Gaussians per latent dimension")
+    mixtures: int = _f(5, low=1, doc="Gaussians in M's mixture over z_{t+1}")
+    mixture: str = _f("per_dim", choices=("per_dim", "joint"),
+                      doc="mdnrnn: per_dim = a mixture for each z dimension (the paper); joint = one "
+                          "component picked for the whole z, so that an event moving many dimensions "
+                          "at once (a fireball appearing) is sampled whole")
     seq_len: int = _f(64, low=2, doc="training subsequence length")
     batch_size: int = _f(32, low=1)
     lr: float = _f(1e-3, low=0.0)
@@ -295,6 +299,9 @@ def validate(cfg: Config) -> None:
     if cfg.eval.pacer_steps and cfg.env.name != "takecover":
         raise UserError(f"config eval.pacer_steps: {cfg.eval.pacer_steps} is for TakeCover, not {cfg.env.name} "
                         "(set it to 0)")
+    if cfg.model.mixture != "per_dim" and cfg.model.m != "mdnrnn":
+        raise UserError(f"config model.mixture: {cfg.model.mixture} is for model.m: mdnrnn, not {cfg.model.m} "
+                        "(set it to per_dim)")
     if cfg.cmaes.disagreement > 0 and (cfg.model.ensemble < 2 or not cfg.model.predict_reward):
         raise UserError(f"config cmaes.disagreement: {cfg.cmaes.disagreement} needs model.ensemble >= 2 "
                         f"(is {cfg.model.ensemble}) and model.predict_reward: true (is {cfg.model.predict_reward})")

@@ -2,14 +2,17 @@
 
 An LSTM reads [z_t, a_t] and its new hidden state h_{t+1} feeds three heads:
 
-- a mixture of K Gaussians for *each* dimension of z_{t+1} (every dimension has
-  its own K logits, means and scales, as in Ha & Schmidhuber),
+- a mixture of K Gaussians over z_{t+1}: ``model.mixture: per_dim`` gives *each*
+  dimension its own K logits, means and scales (as in Ha & Schmidhuber), so every
+  dimension picks its component on its own; ``joint`` has K logits for the whole z and
+  a diagonal Gaussian per component, so one pick moves all dimensions together,
 - the reward r_{t+1} (regression; only trained when ``model.predict_reward``),
 - a logit of d_{t+1}, the probability that the game ended the episode.
 
 The dream samples z_{t+1} at temperature τ: mixture logits / τ, σ · √τ.  Its random
 numbers (:meth:`MDNRNN.sample_noise`) are a standard Gumbel per component — the component
 is the argmax of logits / τ + Gumbel — and a standard normal ε per dimension of z.
+A joint mixture draws one Gumbel per component, shared by every dimension.
 
 Training runs ``nn.LSTM`` over whole subsequences.  Stepping (``observe``,
 ``imagine_step``) runs the same LSTM cell as two GEMMs on fused copies of its weights,
@@ -60,13 +63,25 @@ def mdn_log_prob(logits: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor
     return torch.logsumexp(log_pi + log_normal, dim=-1)
 
 
+def joint_log_prob(logits: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor,
+                   x: torch.Tensor) -> torch.Tensor:
+    """log p(x) under one mixture of K diagonal Gaussians over the whole vector.
+
+    logits: (..., K); mu, log_sigma: (..., Z, K); x: (..., Z) -> log p: (...)
+    log p(x) = logsumexp_k [ log π_k + Σ_d log N(x_d; μ_dk, σ_dk) ]
+    """
+    log_normal = -0.5 * ((x.unsqueeze(-1) - mu) / log_sigma.exp()) ** 2 - log_sigma - _LOG_SQRT_2PI
+    return torch.logsumexp(F.log_softmax(logits, dim=-1) + log_normal.sum(dim=-2), dim=-1)
+
+
 def mixture_noise(batch_shape: tuple[int, ...], z_dim: int, mixtures: int, generator: torch.Generator | None,
-                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+                  device: torch.device | str, joint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """What sampling z once consumes: (Gumbel (..., K, Z), ε (..., Z)), standard Gumbel and normal.
 
     The uniforms behind the Gumbels are drawn as (..., Z, K), then ε, from ``generator``.
+    joint: one Gumbel per component for all dimensions, (..., K, 1), its uniforms drawn as (..., 1, K).
     """
-    u = rand((*batch_shape, z_dim, mixtures), generator, device)
+    u = rand((*batch_shape, 1 if joint else z_dim, mixtures), generator, device)
     eps = rand((*batch_shape, z_dim), generator, device, normal=True)
     return (-torch.log(-torch.log(u))).transpose(-1, -2).contiguous(), eps
 
@@ -91,7 +106,9 @@ def mdn_sample(logits: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor, 
 def sample_mixture(mix: torch.Tensor, temperature: float, noise: tuple[torch.Tensor, torch.Tensor] | None,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`mdn_sample` in place.  mix: (..., 3, K, Z) = [logits / τ, μ, log σ], overwritten;
-    noise: (Gumbel (..., K, Z), ε (..., Z)), unused at τ = 0 -> z (..., Z), written into ``out``.
+    noise: (Gumbel (..., K, Z) or (..., K, 1), ε (..., Z)), unused at τ = 0 -> z (..., Z), written
+    into ``out``.  A joint mixture passes its logits repeated over Z and a Gumbel (..., K, 1),
+    so every dimension picks the same component.
 
     The component is picked with float arithmetic, a one-hot sign(x - max_k x) + 1 and one
     multiply-sum, since argmax + gather is far slower on the CPU; an exact tie (rare)
@@ -138,15 +155,19 @@ class _StepCache:
 class MDNRNN(WorldModel):
     """LSTM over [z_t, a_t] with mixture-density, reward and done heads.
 
-    State: ``(h, c)``, each (B, H), batch first.  Noise: (Gumbel (B, K, Z), ε (B, Z)).
+    State: ``(h, c)``, each (B, H), batch first.  Noise: (Gumbel (B, K, Z), ε (B, Z)); a joint
+    mixture's Gumbel is (B, K, 1).
     """
 
     def __init__(self, z_dim: int, action_dim: int, hidden: int, mixtures: int, *,
                  predict_reward: bool = True, reward_weight: float = 1.0, done_weight: float = 1.0,
-                 done_pos_weight: float = 1.0, dropout: float = 0.0) -> None:
+                 done_pos_weight: float = 1.0, dropout: float = 0.0, mixture: str = "per_dim") -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if mixture not in ("per_dim", "joint"):
+            raise ValueError(f"mixture must be 'per_dim' or 'joint', got {mixture!r}")
+        self.joint = mixture == "joint"
         self.dropout = float(dropout)
         self.z_dim, self.action_dim = z_dim, action_dim
         self.hidden, self.mixtures = hidden, mixtures
@@ -154,8 +175,10 @@ class MDNRNN(WorldModel):
         self.reward_weight, self.done_weight = reward_weight, done_weight
         self.register_buffer("done_pos_weight", torch.tensor(float(done_pos_weight)), persistent=False)
         self.lstm = nn.LSTM(z_dim + action_dim, hidden, batch_first=True)
-        # Per z dimension: K logits, K means, K log σ; then reward and done logit.
-        self.head = nn.Linear(hidden, 3 * z_dim * mixtures + 2)
+        # Per z dimension: K logits, K means, K log σ (joint: K logits in all, then the
+        # means and log σ); then reward and done logit.
+        self.n_logits = mixtures if self.joint else z_dim * mixtures
+        self.head = nn.Linear(hidden, self.n_logits + 2 * z_dim * mixtures + 2)
         self._step_cache = _StepCache()
         self.dream_dtype: torch.dtype | None = None  # see set_dream_precision
         self.autocast_training = True  # train_m may run loss() under bfloat16 autocast
@@ -165,21 +188,25 @@ class MDNRNN(WorldModel):
         m = cfg.model
         return cls(z_dim, action_dim, m.hidden, m.mixtures, predict_reward=m.predict_reward,
                    reward_weight=m.reward_weight, done_weight=m.done_weight,
-                   done_pos_weight=m.done_pos_weight, dropout=m.dropout)
+                   done_pos_weight=m.done_pos_weight, dropout=m.dropout, mixture=m.mixture)
 
     # ------------------------------------------------------------- heads
 
     def heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """Predictions from h_{t+1}.  h: (..., H) ->
 
-        ``logits``, ``mu``, ``log_sigma``: (..., Z, K) mixture over z_{t+1};
+        ``logits``, ``mu``, ``log_sigma``: (..., Z, K) mixture over z_{t+1} (joint: the same
+        K logits repeated for every dimension; :meth:`z_log_prob` scores it);
         ``reward``: (...) r_{t+1} (zeros when reward is not predicted);
         ``done_logit``: (...) logit of d_{t+1}.
         """
         out = self.head(h).to(self.head.weight.dtype)  # the weights' dtype even under autocast
-        zk = self.z_dim * self.mixtures
-        mix = out[..., : 3 * zk].unflatten(-1, (3, self.z_dim, self.mixtures))
-        logits, mu, log_sigma = mix.unbind(dim=-3)
+        z, k, nl = self.z_dim, self.mixtures, self.n_logits
+        if self.joint:
+            logits = out[..., :nl].unsqueeze(-2).expand(*out.shape[:-1], z, k)
+            mu, log_sigma = out[..., nl: nl + 2 * z * k].unflatten(-1, (2, z, k)).unbind(dim=-3)
+        else:
+            logits, mu, log_sigma = out[..., : 3 * z * k].unflatten(-1, (3, z, k)).unbind(dim=-3)
         reward = out[..., -2] if self.predict_reward else torch.zeros_like(out[..., -2])
         return {
             "logits": logits,
@@ -231,8 +258,15 @@ class MDNRNN(WorldModel):
         return controller_features(z, h, c, mode)
 
     def sample_noise(self, batch_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
-        """(Gumbel (B, K, Z), ε (B, Z)) on M's device; see :func:`mixture_noise`."""
-        return mixture_noise((batch_size,), self.z_dim, self.mixtures, generator, self.head.weight.device)
+        """(Gumbel (B, K, Z) or joint (B, K, 1), ε (B, Z)) on M's device; see :func:`mixture_noise`."""
+        return mixture_noise((batch_size,), self.z_dim, self.mixtures, generator, self.head.weight.device,
+                             joint=self.joint)
+
+    def z_log_prob(self, p: dict[str, torch.Tensor], z_next: torch.Tensor) -> torch.Tensor:
+        """log p(z_{t+1}) under :meth:`heads` ``p``, summed over dimensions.  z_next (..., Z) -> (...)."""
+        if self.joint:
+            return joint_log_prob(p["logits"][..., 0, :], p["mu"], p["log_sigma"], z_next)
+        return mdn_log_prob(p["logits"], p["mu"], p["log_sigma"], z_next).sum(dim=-1)
 
     def dropout_masks(self, batch_size: int, rate: float, generator: torch.Generator | None) -> torch.Tensor:
         """(B, Z + H) masks over the cell's [z, h] input: 0 with probability ``rate``, else 1 / (1 - rate)."""
@@ -289,8 +323,14 @@ class MDNRNN(WorldModel):
         if dropout is not None:  # a thinned copy: the row buffer also holds the controller's features
             row = torch.cat([row[:, : zd + self.hidden] * dropout, row[:, zd + self.hidden:]], dim=1)
         nxt, h, c = self._cell(row, state[1], w_gates)
-        out = _mm(nxt[:, zd: zd + self.hidden + 1], w_head)  # [h', 1] -> (B, 3KZ + 2)
-        z_next = sample_mixture(out[:, : 3 * k * zd].view(n, 3, k, zd), temperature, noise, out=nxt[:, :zd])
+        out = _mm(nxt[:, zd: zd + self.hidden + 1], w_head)  # [h', 1] -> (B, logits + 2KZ + 2)
+        if self.joint:  # the K logits repeated over Z: every dimension then picks the same one
+            mix = out.new_empty(n, 3, k, zd)
+            mix[:, 0] = out[:, :k, None]
+            mix[:, 1:] = out[:, k: k + 2 * k * zd].view(n, 2, k, zd)
+        else:
+            mix = out[:, : 3 * k * zd].view(n, 3, k, zd)
+        z_next = sample_mixture(mix, temperature, noise, out=nxt[:, :zd])
         self._step_cache.last = nxt
         reward = out[:, -2] if self.predict_reward else torch.zeros_like(out[:, -2])
         return (h, c), z_next, reward, torch.sigmoid(out[:, -1])
@@ -315,7 +355,8 @@ class MDNRNN(WorldModel):
         W_gates (Z + H + 1 + A, 4H): rows follow the row buffer [z, h, 1, a], so the biases
         ride on the 1 column; gate columns i, f, o, g, so that one sigmoid covers three.
         W_head (H + 1, 3KZ + 2): rows [h', 1]; mixture columns laid out (3, K, Z), so the
-        component choice reduces over K with Z contiguous, logit columns divided by τ; the
+        component choice reduces over K with Z contiguous (joint: K logits, then (2, K, Z)),
+        logit columns divided by τ; the
         done bias less log(done_pos_weight), so that the step returns a calibrated P(done).
         dtype: both cast to it (cached per τ), for :meth:`set_dream_precision`.
         """
@@ -324,8 +365,10 @@ class MDNRNN(WorldModel):
         if cache.key != key:
             z, hid, k = self.z_dim, self.hidden, self.mixtures
             ifog = torch.cat([torch.arange(2 * hid), torch.arange(3 * hid, 4 * hid), torch.arange(2 * hid, 3 * hid)])
-            kz = torch.arange(3 * z * k).view(3, z, k).transpose(1, 2).reshape(-1)
-            rows = torch.cat([kz, torch.arange(3 * z * k, 3 * z * k + 2)]).to(head.weight.device)
+            nl = self.n_logits
+            kz = torch.arange(2 * z * k).view(2, z, k).transpose(1, 2).reshape(-1) + nl
+            logit_rows = torch.arange(k) if self.joint else torch.arange(z * k).view(z, k).t().reshape(-1)
+            rows = torch.cat([logit_rows, kz, torch.arange(nl + 2 * z * k, nl + 2 * z * k + 2)]).to(head.weight.device)
             ifog = ifog.to(rows.device)
             w_ih, w_hh = lstm.weight_ih_l0[ifog], lstm.weight_hh_l0[ifog]
             bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0)[ifog]
@@ -339,7 +382,7 @@ class MDNRNN(WorldModel):
         else:
             if cache.tau != temperature:
                 cache.w_head_tau = cache.w_head.clone()
-                cache.w_head_tau[:, : self.mixtures * self.z_dim] /= temperature
+                cache.w_head_tau[:, : self.n_logits] /= temperature
                 cache.tau = temperature
             w_gates, w_head = cache.w_gates, cache.w_head_tau
         if dtype is None or dtype == w_gates.dtype:
@@ -393,7 +436,7 @@ class MDNRNN(WorldModel):
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Masked losses on real subsequences (see :meth:`WorldModel.loss` for the batch).
 
-        z_nll: -log p(z_{t+1} | h_{t+1}), averaged over z dimensions and then over
+        z_nll: -log p(z_{t+1} | h_{t+1}), divided by the z dimensions and averaged over
             steps where both t and t+1 are inside the episode (the last step of a
             window has no z_{t+1} to predict).
         reward: (r̂_{t+1} - r_{t+1})², over valid steps; 0 when not predicted.
@@ -402,9 +445,8 @@ class MDNRNN(WorldModel):
         p, _ = self(batch["z"], batch["action"])
         mask = batch["mask"]
         z_mask = mask[:, :-1] & mask[:, 1:]
-        z_logp = mdn_log_prob(p["logits"][:, :-1], p["mu"][:, :-1], p["log_sigma"][:, :-1],
-                              batch["z"][:, 1:])
-        z_nll = masked_mean(-z_logp.mean(dim=-1), z_mask)
+        z_logp = self.z_log_prob({k: v[:, :-1] for k, v in p.items()}, batch["z"][:, 1:])
+        z_nll = masked_mean(-z_logp / self.z_dim, z_mask)
         if self.predict_reward:
             reward = masked_mean((p["reward"] - batch["reward"]) ** 2, mask)
         else:
