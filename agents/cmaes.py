@@ -15,8 +15,8 @@ real scores are logged side by side.
 Files in the run folder (all written atomically, once per generation):
 
 - ``cmaes.pkl``: pickled state — the CMA-ES object (its private numpy RandomState inside,
-  so pycma never touches numpy's global RNG), generation, best controllers, history.
-  Rerunning resumes exactly there.  A pickle can run code when loaded: it is only ever
+  so pycma never touches numpy's global RNG), generation, best controllers, history, and
+  the tags of :func:`restart_search` (``iterate.restart``).  Rerunning resumes exactly there.  A pickle can run code when loaded: it is only ever
   read from the run's own folder, and never from a path under ``pretrained/``.
 - ``controller.pt`` (``run.controller_path``): the controller with the best *real* score
   among the checks played with the current M (C reads M's h, so a controller checked with
@@ -100,15 +100,38 @@ def dream_fitness(m: WorldModel, candidates: np.ndarray, spec: ControllerSpec, s
 
 # ----------------------------------------------------------------- state file
 
-def _new_state(num_params: int, c) -> dict[str, Any]:
+def _new_es(num_params: int, c, restart: int = 0) -> cma.CMAEvolutionStrategy:
+    """A distribution centred on 0 with step size ``cmaes.sigma0``; ``restart`` k > 0 seeds its own draws."""
     if c.sigma0 <= 0:
         raise UserError(f"config cmaes.sigma0: {c.sigma0} must be above 0")
-    opts = {"popsize": c.population, "seed": np.nan, "randn": np.random.RandomState(c.seed).randn,
-            "verbose": -9, "verb_log": 0, "verb_disp": 0}
-    es = cma.CMAEvolutionStrategy(np.zeros(num_params), c.sigma0, opts)
-    return {"version": STATE_VERSION, "es": es, "generation": 0, "num_params": num_params,
+    rng = np.random.RandomState([c.seed, restart] if restart else c.seed)
+    opts = {"popsize": c.population, "seed": np.nan, "randn": rng.randn, "verbose": -9, "verb_log": 0,
+            "verb_disp": 0}
+    return cma.CMAEvolutionStrategy(np.zeros(num_params), c.sigma0, opts)
+
+
+def _new_state(num_params: int, c) -> dict[str, Any]:
+    return {"version": STATE_VERSION, "es": _new_es(num_params, c), "generation": 0, "num_params": num_params,
             "population": c.population, "seed": c.seed, "best_dream": None, "best_real": None,
-            "checks": [], "history": [], "wall_s": 0.0}
+            "checks": [], "history": [], "wall_s": 0.0, "restarts": []}
+
+
+def restart_search(run: Run, tag: int) -> bool:
+    """Start CMA-ES afresh in ``cmaes.pkl`` (mean 0, ``cmaes.sigma0``), once per ``tag``.
+
+    The generation count, the real checks and the best controllers stay; only the search
+    distribution is new.  Returns False (and changes nothing) when ``tag`` already restarted
+    it, so a resumed iteration does not throw away the generations it has run since.
+    """
+    path = run.path(STATE_FILE)
+    state = load_state(path)
+    restarts = state.setdefault("restarts", [])
+    if tag in restarts:
+        return False
+    state["es"] = _new_es(state["num_params"], run.cfg.cmaes, restart=tag)
+    restarts.append(tag)
+    _save_state(path, state)
+    return True
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:

@@ -13,7 +13,9 @@ agent alive).  Iterating closes that gap.  Iteration i (1 … ``iterate.iteratio
 3. **train M** ``iterate.m_epochs`` more epochs on all the data, from its current
    weights and Adam state;
 4. **dream**: continue CMA-ES ``iterate.generations`` more generations in the new
-   dream; its last generation is checked in the real game.
+   dream; its last generation is checked in the real game.  With ``iterate.restart``
+   the search starts afresh there (mean 0, ``cmaes.sigma0``; :func:`agents.cmaes.restart_search`),
+   so a centre saturated by an exploited dream does not carry over.
 
 Every count is cumulative: iteration i asks for ``collect.episodes + i × iterate.episodes``
 episodes, ``model.epochs + i × iterate.m_epochs`` M epochs, and so on.  So each step
@@ -32,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.cmaes import STATE_FILE, load_state
+from agents.cmaes import STATE_FILE, load_state, restart_search
 from agents.collect import collect_agent
 from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, read_jsonl
@@ -113,6 +115,8 @@ def iterate(run: Run, workers: int | None = None, backend: str | None = None, sk
         seconds["train_m"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        if it.restart:
+            restart_search(cur, i)
         dream_summary = dream(cur, workers=workers, backend=backend, progress=progress)
         seconds["dream"] = time.perf_counter() - start
 
@@ -121,6 +125,7 @@ def iterate(run: Run, workers: int | None = None, backend: str | None = None, sk
             "iteration": i,
             "episodes": cur.cfg.collect.episodes,
             "collected_by": {"generation": generation, "noise": it.noise},
+            "restarted": it.restart,
             "collect_return": collected["mean_return"],
             "m_val_loss": m_summary.get("val/loss"),
             "m_val_z_nll": m_summary.get("val/z_nll"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agents.agent import Agent
-from agents.cmaes import STATE_FILE, load_state
+from agents.cmaes import STATE_FILE, _save_state, load_state, restart_search
 from agents.iterate import iterate, iteration_run
 from agents.pipeline import dream
 from worldmodel.episodes import list_episodes, load_episode
@@ -100,3 +100,48 @@ def test_rerun_does_nothing_and_more_iterations_continue(iterated):
     iterate(more, workers=1, progress=False)
     assert len(list_episodes(run.episodes_dir)) == len(before) + 2
     assert [r["iteration"] for r in read_jsonl(run.metrics_path("iterate"))] == [1, 2, 3]
+
+
+def test_restart_search_recentres_once_per_tag_and_keeps_the_rest(iterated, tmp_path):
+    _, _, before = iterated  # the run after its first dream: a CMA-ES that has moved off 0
+    folder = tmp_path / "run"
+    shutil.copytree(before, folder)
+    run = open_run(folder, None, [])
+    old = load_state(run.path(STATE_FILE))
+    assert np.abs(old["es"].mean).max() > 0
+    assert restart_search(run, 1)
+    new = load_state(run.path(STATE_FILE))
+    assert np.all(new["es"].mean == 0) and new["es"].sigma == pytest.approx(run.cfg.cmaes.sigma0)
+    assert new["restarts"] == [1]
+    for key in ("generation", "history", "wall_s"):
+        assert new[key] == old[key]
+    assert len(new["checks"]) == len(old["checks"])
+    assert new["best_dream"]["generation"] == old["best_dream"]["generation"]
+    new["es"].tell(new["es"].ask(), list(range(run.cfg.cmaes.population)))  # resumed later: moved on
+    moved = new["es"].mean.copy()
+    _save_state(run.path(STATE_FILE), new)
+    assert not restart_search(run, 1)  # the same iteration again: nothing thrown away
+    np.testing.assert_array_equal(load_state(run.path(STATE_FILE))["es"].mean, moved)
+    assert restart_search(run, 2) and load_state(run.path(STATE_FILE))["restarts"] == [1, 2]
+
+
+def test_iterate_with_restart_starts_the_new_dream_from_zero(iterated, tmp_path, monkeypatch):
+    run, _, _ = iterated
+    folder = tmp_path / "run"
+    shutil.copytree(run.dir, folder)
+    done = len(read_jsonl(open_run(folder, None, []).metrics_path("iterate")))
+    more = open_run(folder, None, [f"iterate.iterations={done + 1}", "iterate.restart=true"])
+    import agents.pipeline as pipeline
+
+    seen = []
+    real_dream = pipeline.dream
+
+    def dream_spy(r, **kw):
+        seen.append(load_state(r.path(STATE_FILE))["es"].mean.copy())
+        return real_dream(r, **kw)
+
+    monkeypatch.setattr(pipeline, "dream", dream_spy)
+    iterate(more, workers=1, progress=False)
+    assert len(seen) == 1 and np.all(seen[0] == 0)
+    assert load_state(more.path(STATE_FILE))["restarts"] == [done + 1]
+    assert read_jsonl(more.metrics_path("iterate"))[-1]["restarted"] is True

@@ -142,6 +142,9 @@ class IterateConfig:
     vae_epochs: int = _f(0, low=0, doc="more V epochs per iteration (0: V stays; new frames only encoded)")
     m_epochs: int = _f(3, low=0, doc="more M epochs per iteration, on all data, from M's current weights")
     generations: int = _f(40, low=1, doc="more CMA-ES generations per iteration, in the new dream")
+    restart: bool = _f(False, doc="start each iteration's CMA-ES afresh (mean 0, cmaes.sigma0) in the new dream: "
+                                  "a centre saturated by an exploited dream may never leave it (docs/results.md, "
+                                  "run tj)")
 
 
 @dataclass
