@@ -16,8 +16,9 @@ Files in the run folder (all written atomically, once per generation):
 
 - ``cmaes.pkl``: pickled state — the CMA-ES object (its private numpy RandomState inside,
   so pycma never touches numpy's global RNG), generation, best controllers, history, and
-  the tags of :func:`restart_search` (``iterate.restart``).  Rerunning resumes exactly there.  A pickle can run code when loaded: it is only ever
-  read from the run's own folder, and never from a path under ``pretrained/``.
+  the tags of :func:`restart_search` (``iterate.restart``).  Rerunning resumes exactly
+  there.  A pickle can run code when loaded: it is only ever read from the run's own
+  folder, and never from a path under ``pretrained/``.
 - ``controller.pt`` (``run.controller_path``): the controller with the best *real* score
   among the checks played with the current M (C reads M's h, so a controller checked with
   an earlier M — before an iteration retrained it — plays differently now), else the
