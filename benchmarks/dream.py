@@ -7,6 +7,8 @@ linear controller on [z, h].  Dream steps per second (one step of one dream) of:
   dreams), through ``MDNRNN.imagine_step`` (the fused step);
 - batched, bfloat16: the same with the step's two matrix products in bfloat16
   (``system.precision``; fast where the CPU has AMX or AVX-512 BF16);
+- batched, joint mixture: an M with ``model.mixture: joint`` (one component for the whole z;
+  a smaller head, plus a copy of the logits across z each step), same sizes otherwise;
 - batched, unfused: the same M stepped through ``nn.LSTM``, the heads as they are trained
   and argmax + gather (:class:`UnfusedMDNRNN`), for reference;
 - one at a time: the same function and M, one dream after another;
@@ -97,6 +99,8 @@ def bench_hidden(hidden: int, population: int, rollouts: int, steps: int, single
     low = MDNRNN.from_config(cfg, Z_DIM, ACTION_DIM).eval()
     low.load_state_dict(m.state_dict())
     low.set_dream_precision(torch.bfloat16)
+    cfg.model.mixture = "joint"
+    joint = MDNRNN.from_config(cfg, Z_DIM, ACTION_DIM).eval()
     spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
     n = population * rollouts
     g = torch.Generator().manual_seed(0)
@@ -113,7 +117,8 @@ def bench_hidden(hidden: int, population: int, rollouts: int, steps: int, single
             dream_rollouts(m, params[i: i + 1], spec, z0[i: i + 1], settings, g)
 
     gemm_reps = 10
-    variants = {"batched": batched(m), "batched_bf16": batched(low), "batched_unfused": batched(unfused),
+    variants = {"batched": batched(m), "batched_bf16": batched(low), "batched_joint": batched(joint),
+                "batched_unfused": batched(unfused),
                 "one_at_a_time": one_at_a_time, "gemm": gemm_round(n, hidden, gemm_reps)}
     for fn in variants.values():  # warm up
         fn()
@@ -121,7 +126,7 @@ def bench_hidden(hidden: int, population: int, rollouts: int, steps: int, single
     for _ in range(rounds):
         for name, fn in variants.items():
             best[name] = min(best[name], seconds(fn))
-    counts = {"batched": n * steps, "batched_bf16": n * steps, "batched_unfused": n * steps,
+    counts = {"batched": n * steps, "batched_bf16": n * steps, "batched_joint": n * steps, "batched_unfused": n * steps,
               "one_at_a_time": single * steps}
     rate = {name: counts[name] / best[name] for name in counts}
     flops = step_flops(hidden, spec.feature_dim)
@@ -130,7 +135,8 @@ def bench_hidden(hidden: int, population: int, rollouts: int, steps: int, single
     return {"hidden": hidden, "dreams": n, "steps": steps, **{f"{k}_steps_per_s": v for k, v in rate.items()},
             "flops_per_step": sum(flops.values()), "gemm_gflop_s": flop_s / 1e9, "bound_steps_per_s": bound,
             "batched_vs_one": rate["batched"] / rate["one_at_a_time"], "batched_vs_bound": rate["batched"] / bound,
-            "bf16_vs_float32": rate["batched_bf16"] / rate["batched"]}
+            "bf16_vs_float32": rate["batched_bf16"] / rate["batched"],
+            "joint_vs_per_dim": rate["batched_joint"] / rate["batched"]}
 
 
 def main() -> None:
@@ -154,12 +160,14 @@ def main() -> None:
                   f"{r['flops_per_step'] / 1e6:.2f} MFLOP per dream step, GEMMs at {r['gemm_gflop_s']:.0f} GFLOP/s")
             print(f"  batched (fused step)        {r['batched_steps_per_s']:>10,.0f} steps/s")
             print(f"  batched, bfloat16 products  {r['batched_bf16_steps_per_s']:>10,.0f} steps/s")
+            print(f"  batched, joint mixture      {r['batched_joint_steps_per_s']:>10,.0f} steps/s")
             print(f"  batched (unfused, nn.LSTM)  {r['batched_unfused_steps_per_s']:>10,.0f} steps/s")
             print(f"  one dream at a time         {r['one_at_a_time_steps_per_s']:>10,.0f} steps/s")
             print(f"  FLOP bound                  {r['bound_steps_per_s']:>10,.0f} steps/s")
             print(f"  batched / one at a time     {r['batched_vs_one']:>10.1f}x")
             print(f"  batched / bound             {100 * r['batched_vs_bound']:>10.0f}%")
             print(f"  bfloat16 / float32          {r['bf16_vs_float32']:>10.2f}x")
+            print(f"  joint / per-dimension       {r['joint_vs_per_dim']:>10.2f}x")
 
 
 if __name__ == "__main__":
