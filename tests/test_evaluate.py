@@ -283,6 +283,30 @@ def test_traces_script_replays_the_evaluated_episodes(tiny, evaluated, tmp_path)
         assert png.stat().st_size > 0
 
 
+def test_dream_baselines_script_scores_the_pacer_as_evaluate_does(tiny, tmp_path):
+    """scripts/dream_baselines.py plays evaluate's dreams: its pacer line is dream_score's."""
+    from agents.evaluate import dream_score
+    from envs.dream import load_world_model
+
+    folder = tmp_path / "run"
+    shutil.copytree(tiny["run"].dir, folder)
+    run = open_run(folder, None, create=False)
+    m = load_world_model(run)
+    with torch.no_grad():  # P(done) swings with h: dreams end at steps that depend on the actions
+        m.head.weight[-1].mul_(200.0)
+        m.head.bias[-1] = -2.0
+    save_m(run.m_path, m, dataclasses.asdict(run.cfg.model))
+    expected = dream_score(run, 8, SEED, "pacing")
+    result = subprocess.run([sys.executable, "scripts/dream_baselines.py", "--run", str(folder), "--dreams", "8",
+                             "--pacer", str(PACER_STEPS)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = {k.strip(): v for k, v in (line.split(":", 1) for line in result.stdout.splitlines())}
+    assert set(lines) == {"always left", "always right", "stand still", f"pacer {PACER_STEPS}"}
+    assert lines[f"pacer {PACER_STEPS}"].startswith(f" {expected['mean']:.1f} ± {expected['std']:.1f}")
+    assert expected["min"] < run.cfg.cmaes.max_steps  # dreams do end, so the lines can differ
+    assert len(set(lines.values())) > 1
+
+
 def test_traces_script_refuses_a_carracing_run(make_run):
     run = make_run(overrides=["env.name=carracing"])
     result = subprocess.run([sys.executable, "scripts/takecover_traces.py", "--run", str(run.dir)],
