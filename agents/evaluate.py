@@ -10,8 +10,10 @@ agent.  Results go to ``<run>/eval.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -119,13 +121,16 @@ def evaluate_params(run: Run, params: np.ndarray, episodes: int, seed: int,
     return [r["return"] for r in play_many(run, "agent", seeds, params, workers, backend)]
 
 
-def dream_score(run: Run, episodes: int, seed: int, policy: str = "agent") -> dict:
-    """The run's controller (or the blind pacer, ``policy="pacing"``) in M's dream: ``episodes``
-    dreams as CMA-ES dreamt them (τ, done rule).
+def dream_score(run: Run, episodes: int, seed: int, policy: str | Callable[[int], float] = "agent",
+                max_steps: int | None = None) -> dict:
+    """The run's controller (``policy="agent"``), the blind pacer (``"pacing"``) or any blind
+    policy (a callable: step t -> the action every dream takes at t) in M's dream: ``episodes``
+    dreams as CMA-ES dreamt them (τ, done rule), at most ``max_steps`` steps (default
+    ``cmaes.max_steps``).
 
-    Each dream its own noise, drawn from ``seed``; its start z from the run's latents, so the
-    agent and the pacer meet the same dreams.  Returns the statistics of :func:`_stats` (with
-    ``temperature``).
+    Each dream its own noise, drawn from ``seed``; its start z from the run's latents, so every
+    policy scored with the same seed meets the same dreams.  Returns the statistics of
+    :func:`_stats` (with ``temperature``).
     """
     import torch
 
@@ -134,21 +139,24 @@ def dream_score(run: Run, episodes: int, seed: int, policy: str = "agent") -> di
 
     m = load_world_model(run)
     settings = DreamSettings.from_config(run.cfg)
+    if max_steps is not None:
+        settings = dataclasses.replace(settings, max_steps=max_steps)
     spec = ControllerSpec.for_config(run.cfg, m)
-    pace = None
+    blind = None
     if policy == "pacing":
-        pacer = PacingPolicy(run.cfg.eval.pacer_steps)
-        params = np.zeros((1, 0), np.float32)
+        policy = PacingPolicy(run.cfg.eval.pacer_steps).action_at
+    if callable(policy):
+        params, action_at = np.zeros((1, 0), np.float32), policy
 
-        def pace(t: int, features: torch.Tensor) -> torch.Tensor:
-            return features.new_full((features.shape[0], 1), pacer.action_at(t))
+        def blind(t: int, features: torch.Tensor) -> torch.Tensor:
+            return features.new_full((features.shape[0], 1), action_at(t))
     else:
         params, _ = load_controller(run.controller_path, expected_params=spec.num_params)
     generator = torch.Generator().manual_seed(seed)
     z0 = sample_start_z(load_start_latents(run), episodes, generator)
     with torch.no_grad():
         result = dream_rollouts(m, torch.as_tensor(params).reshape(1, -1).expand(episodes, -1), spec, z0,
-                                settings, generator, policy=pace)
+                                settings, generator, policy=blind)
     return {**_stats(result.returns.tolist()), "temperature": settings.temperature}
 
 

@@ -354,10 +354,10 @@ class MDNRNN(WorldModel):
 
         W_gates (Z + H + 1 + A, 4H): rows follow the row buffer [z, h, 1, a], so the biases
         ride on the 1 column; gate columns i, f, o, g, so that one sigmoid covers three.
-        W_head (H + 1, 3KZ + 2): rows [h', 1]; mixture columns laid out (3, K, Z), so the
-        component choice reduces over K with Z contiguous (joint: K logits, then (2, K, Z)),
-        logit columns divided by τ; the
-        done bias less log(done_pos_weight), so that the step returns a calibrated P(done).
+        W_head (H + 1, 3KZ + 2; joint K + 2KZ + 2): rows [h', 1]; mixture columns laid out
+        (3, K, Z) (joint: K logits, then (2, K, Z)), so the component choice reduces over K
+        with Z contiguous, logit columns divided by τ; the done bias less
+        log(done_pos_weight), so that the step returns a calibrated P(done).
         dtype: both cast to it (cached per τ), for :meth:`set_dream_precision`.
         """
         lstm, head, cache = self.lstm, self.head, self._step_cache
