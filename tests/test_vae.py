@@ -16,7 +16,17 @@ from worldmodel.frames import cache_paths, load_frames
 from worldmodel.io import load_checkpoint, read_jsonl
 from worldmodel.runs import open_run
 from worldmodel.train_vae import checkpoint_path, split_frames, train_vae
-from worldmodel.vae import ConvVAE, VectorConvTranspose2d, load_vae, preprocess, save_vae, vae_loss
+from worldmodel.vae import (
+    ConvVAE,
+    VectorConvTranspose2d,
+    colour_bins,
+    colour_weights,
+    load_vae,
+    pixel_weights,
+    preprocess,
+    save_vae,
+    vae_loss,
+)
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 Z = 8
@@ -91,6 +101,50 @@ def test_free_bits_floor_per_image():
     mu.requires_grad_(True)
     vae_loss(x, x, mu, logvar, 0.5, 1.0)["loss"].backward()
     assert torch.all(mu.grad[0] == 0) and torch.all(mu.grad[1] != 0)
+
+
+def test_weighted_recon_is_the_weighted_squared_error():
+    torch.manual_seed(0)
+    x, recon = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
+    mu, logvar = torch.randn(3, Z), torch.randn(3, Z)
+    weight = torch.rand(3, 1, 64, 64) * 5
+    terms = vae_loss(x, recon, mu, logvar, kl_tolerance=0.0, beta=1.0, weight=weight)
+    per_image = [(weight[i] * (x[i] - recon[i]) ** 2).sum() for i in range(3)]
+    torch.testing.assert_close(terms["recon"], torch.stack(per_image).mean())
+    torch.testing.assert_close(terms["recon_raw"], F.mse_loss(recon, x, reduction="sum") / 3)
+    torch.testing.assert_close(terms["loss"], terms["recon"] + terms["kl"])
+    plain = vae_loss(x, recon, mu, logvar, kl_tolerance=0.0, beta=1.0)
+    torch.testing.assert_close(plain["recon"], plain["recon_raw"])
+
+
+def test_colour_weights_favour_rare_colours():
+    frames = np.zeros((10, 64, 64, 3), np.uint8)
+    frames[...] = (128, 128, 128)  # a grey room ...
+    frames[:, 30:32, 40:42] = (255, 230, 60)  # ... and a small bright fireball: 4 of 4096 pixels
+    frames[:5, :16] = (120, 80, 40)  # half of the frames have a brown wall on top
+    bins = colour_bins(frames)
+    assert bins.shape == (10, 64, 64) and bins.max() < 512
+    assert bins[0, 30, 40] == (7 * 8 + 7) * 8 + 1  # 255, 230, 60 >> 5 = 7, 7, 1
+
+    flat = colour_weights(frames, gamma=0.0, max_weight=20.0)
+    np.testing.assert_array_equal(flat, np.ones(512, np.float32))  # gamma 0: the paper's loss
+
+    w = colour_weights(frames, gamma=0.5, max_weight=20.0)
+    grey, brown, fire = w[bins[9, 0, 0]], w[bins[0, 0, 0]], w[bins[0, 30, 40]]
+    assert fire > brown > grey
+    per_pixel = w[bins]
+    assert abs(per_pixel.mean() - 1.0) < 1e-5  # the mean weight over the pixels is 1
+    share = np.bincount(bins.ravel(), minlength=512) / bins.size
+    np.testing.assert_allclose(brown / grey, (share[bins[0, 0, 0]] / share[bins[9, 0, 0]]) ** -0.5, rtol=1e-5)
+    capped = colour_weights(frames, gamma=0.5, max_weight=4.0)
+    assert capped[bins[0, 30, 40]] / capped[bins[9, 0, 0]] == pytest.approx(4.0)
+    assert capped.max() == pytest.approx(capped[bins[0, 30, 40]])  # unseen colours get the cap too
+
+    table = torch.from_numpy(w)
+    pw = pixel_weights(torch.from_numpy(frames[:2]), table)
+    assert pw.shape == (2, 1, 64, 64)
+    torch.testing.assert_close(pw[:, 0], table[torch.from_numpy(bins[:2])])
+    torch.testing.assert_close(pixel_weights(frames[:2], table), pw)  # numpy frames alike
 
 
 def test_training_drives_loss_down():
@@ -208,6 +262,18 @@ def test_resume_trains_only_new_epochs(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_colour_balance_changes_what_v_learns(tmp_path):
+    plain = make_run(tmp_path / "plain", episodes=2, steps=8)
+    balanced = make_run(tmp_path / "balanced", episodes=2, steps=8, overrides=("vae.colour_balance=0.5",))
+    train_vae(plain, progress=False)
+    train_vae(balanced, progress=False)
+    (p,), (b,) = read_jsonl(plain.metrics_path("vae")), read_jsonl(balanced.metrics_path("vae"))
+    assert p["train_recon"] == pytest.approx(p["train_recon_raw"])
+    assert b["train_recon"] != pytest.approx(b["train_recon_raw"], rel=1e-3)
+    assert np.isfinite(b["val_recon_raw"]) and np.isfinite(b["val_recon"])
+    assert plain.vae_path.read_bytes() != balanced.vae_path.read_bytes()
+
+
 def test_max_frames_subsamples_train_and_val_alike(tmp_path):
     run = make_run(tmp_path, episodes=4, steps=10, overrides=("vae.max_frames=15", "vae.val_fraction=0.25"))
     train, val = split_frames(load_frames(run), run.cfg.vae)
@@ -248,3 +314,43 @@ def test_frame_cache_follows_the_episode_set(tmp_path):
     frames = load_frames(run)
     assert len(frames) == 15 and len(frames.episodes) == 3
     np.testing.assert_array_equal(frames.frame_indices(np.array([0, 2])), [0, 1, 2, 3, 4, 10, 11, 12, 13, 14])
+
+
+# ----------------------------------------------------------------- scripts/takecover_fireballs.py
+
+def _fireballs_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "takecover_fireballs.py"
+    spec = importlib.util.spec_from_file_location("takecover_fireballs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fireball_recall_counts_kept_pixels_by_size():
+    fireballs = _fireballs_script()
+    frames = np.full((3, 64, 64, 3), 100, np.uint8)
+    frames[0, 10, 10:14] = (250, 220, 80)  # 4 pixels: a distant fireball
+    frames[1, 20:25, 20:25] = (250, 220, 80)  # 25 pixels
+    recon = frames.copy()
+    recon[0] = 100  # the distant one is lost
+    recon[1, 20:25, 20] = (140, 110, 60)  # 5 of the 25 fade below the kept threshold
+    out = fireballs.fireball_recall(frames, recon)
+    assert out == {"1-9": (1, 0.0, 0.0), "10-29": (1, pytest.approx(0.8), 1.0)}  # frame 2 has none
+
+
+def test_fireballs_script_runs_on_a_run(tmp_path):
+    import subprocess
+    import sys
+
+    run = make_run(tmp_path, episodes=3, steps=8)
+    train_vae(run, progress=False)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "scripts/takecover_fireballs.py", "--run", str(run.dir), "--frames", "5"],
+                            cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "5 frames of 1 validation episodes" in result.stdout and str(run.vae_path) in result.stdout
+    bad = subprocess.run([sys.executable, "scripts/takecover_fireballs.py", "--run", str(tmp_path / "nope")],
+                         cwd=root, capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

@@ -55,6 +55,11 @@ class VAEConfig:
     z_dim: int = _f(64, low=1, doc="latent size (paper: 64 TakeCover, 32 CarRacing)")
     kl_tolerance: float = _f(0.5, low=0.0, doc="free bits: KL floored at kl_tolerance * z_dim")
     beta: float = _f(1.0, low=0.0, doc="weight of the KL term (beta-VAE)")
+    colour_balance: float = _f(0.0, low=0.0, doc="weigh each pixel's squared error by its colour's share of "
+                                                 "the training pixels to the power -colour_balance, so that "
+                                                 "rare colours (a distant fireball) count; 0 = the paper's loss")
+    colour_weight_max: float = _f(20.0, low=1.0, doc="colour_balance: cap on a colour's weight, relative to "
+                                                     "the commonest colour's")
     lr: float = _f(1e-3, low=0.0, doc="Adam learning rate")
     batch_size: int = _f(100, low=1)
     epochs: int = _f(1, low=1)

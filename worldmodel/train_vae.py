@@ -6,8 +6,9 @@
   state.  A rerun resumes from it; with every epoch done (and ``vae.pt`` saved), the
   frames are not even loaded: only episodes without latents are encoded.
 - ``vae.pt``       the final weights (:func:`worldmodel.vae.save_vae`).
-- ``metrics/vae.jsonl``  one record per epoch: train_* and val_* recon / kl /
-  kl_raw / loss, img_per_s (also TensorBoard under ``tb/`` when it is installed).
+- ``metrics/vae.jsonl``  one record per epoch: train_* and val_* recon / recon_raw /
+  kl / kl_raw / loss (recon is weighted by colour when ``vae.colour_balance`` > 0;
+  recon_raw never is), img_per_s (also TensorBoard under ``tb/`` when it is installed).
 - ``plots/vae_recon_epoch{N}.png``  validation frames (top) over their
   reconstructions from mu (bottom).
 - ``latents/ep_XXXXXX.npz``  per episode (same number as its episode file):
@@ -53,11 +54,23 @@ from worldmodel.latents import list_latents, split_episodes
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
 from worldmodel.torch_utils import autocast, resolve_device, resolve_precision
-from worldmodel.vae import FRAME_SHAPE, ConvVAE, encode_frames, load_vae, preprocess, save_vae, vae_loss
+from worldmodel.vae import (
+    COLOUR_LEVELS,
+    FRAME_SHAPE,
+    ConvVAE,
+    colour_weights,
+    encode_frames,
+    load_vae,
+    pixel_weights,
+    preprocess,
+    save_vae,
+    vae_loss,
+)
 
 GRID_FRAMES = 8  # columns of the reconstruction plot
 POSTFIX_EVERY_S = 0.5  # progress-bar refresh of the loss terms (each one reads the device)
-TERMS = ("recon", "kl", "kl_raw", "loss")
+TERMS = ("recon", "recon_raw", "kl", "kl_raw", "loss")
+COLOUR_SAMPLE = 20_000  # frames whose pixels set the colour-balance weights
 LATENT_COPY_KEYS = ("action", "reward", "done", "terminated")
 
 
@@ -109,11 +122,13 @@ def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> 
 
 def _train_epoch(vae: ConvVAE, opt: torch.optim.Optimizer, frames: FrameSet, train: np.ndarray,
                  cfg: VAEConfig, rng: np.random.Generator, device: torch.device,
-                 epoch: int, progress: bool = True, precision: torch.dtype | None = None) -> dict[str, float]:
+                 epoch: int, progress: bool = True, precision: torch.dtype | None = None,
+                 weights: torch.Tensor | None = None) -> dict[str, float]:
     """One pass over ``train`` in random minibatches; returns the mean loss terms and img/s.
 
     precision: bfloat16 runs the forward pass under autocast (``system.precision``); the
-    loss, the gradients' accumulation and Adam stay float32.
+    loss, the gradients' accumulation and Adam stay float32.  weights: the colour-balance
+    table (:func:`worldmodel.vae.colour_weights`) or None.
     """
     vae.train()
     sums = {k: torch.zeros((), device=device) for k in TERMS}
@@ -122,10 +137,12 @@ def _train_epoch(vae: ConvVAE, opt: torch.optim.Optimizer, frames: FrameSet, tra
     with tqdm(total=len(train), unit="img", desc=f"vae epoch {epoch}/{cfg.epochs}",
               disable=not progress) as bar:
         for idx in _batches(train, cfg.batch_size, rng):
-            x = preprocess(frames.frames[idx], device)
+            raw = frames.frames[idx]
+            x = preprocess(raw, device)
             with autocast(device, precision):
                 recon, mu, logvar = vae(x)
-            terms = vae_loss(x, recon.float(), mu.float(), logvar.float(), cfg.kl_tolerance, cfg.beta)
+            terms = vae_loss(x, recon.float(), mu.float(), logvar.float(), cfg.kl_tolerance, cfg.beta,
+                             None if weights is None else pixel_weights(raw, weights))
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
@@ -144,18 +161,19 @@ def _train_epoch(vae: ConvVAE, opt: torch.optim.Optimizer, frames: FrameSet, tra
 
 @torch.no_grad()
 def _evaluate(vae: ConvVAE, frames: FrameSet, indices: np.ndarray, cfg: VAEConfig,
-              device: torch.device) -> dict[str, float] | None:
+              device: torch.device, weights: torch.Tensor | None = None) -> dict[str, float] | None:
     """Mean loss terms over ``indices`` (None when there are none)."""
     if len(indices) == 0:
         return None
     vae.eval()
     sums = {k: 0.0 for k in TERMS}
     for start in range(0, len(indices), cfg.batch_size):
-        idx = indices[start:start + cfg.batch_size]
-        x = preprocess(frames.frames[idx], device)
-        terms = vae_loss(x, *vae(x), cfg.kl_tolerance, cfg.beta)
+        raw = frames.frames[indices[start:start + cfg.batch_size]]
+        x = preprocess(raw, device)
+        terms = vae_loss(x, *vae(x), cfg.kl_tolerance, cfg.beta,
+                         None if weights is None else pixel_weights(raw, weights))
         for k in TERMS:
-            sums[k] += terms[k].item() * len(idx)
+            sums[k] += terms[k].item() * len(raw)
     return {k: v / len(indices) for k, v in sums.items()}
 
 
@@ -337,6 +355,20 @@ def _epochs_done(path: Path) -> int:
     return int(ckpt["epoch"]) if isinstance(ckpt, dict) and "epoch" in ckpt else 0
 
 
+def balance_table(frames: FrameSet, train: np.ndarray, cfg: VAEConfig,
+                  device: torch.device) -> torch.Tensor | None:
+    """The colour-balance weights (``vae.colour_balance`` > 0) from up to COLOUR_SAMPLE training frames.
+
+    The sample depends only on the split and ``vae.seed``, so a resumed run gets the same table.
+    """
+    if cfg.colour_balance <= 0 or len(train) == 0:
+        return None
+    sample = np.random.default_rng([cfg.seed, COLOUR_LEVELS]).choice(
+        train, size=min(len(train), COLOUR_SAMPLE), replace=False)
+    table = colour_weights(np.asarray(frames.frames[np.sort(sample)]), cfg.colour_balance, cfg.colour_weight_max)
+    return torch.from_numpy(table).to(device)
+
+
 def _train_vae(run: Run, skip_bad: bool, progress: bool) -> dict:
     cfg = run.cfg.vae
     device = resolve_device(run.cfg.system.device)
@@ -357,11 +389,13 @@ def _train_vae(run: Run, skip_bad: bool, progress: bool) -> dict:
 
     writer = _tensorboard(run) if done < cfg.epochs else None
     grid = _grid_frames(frames, val, train)
+    weights = balance_table(frames, train, cfg, device) if done < cfg.epochs else None
     trained = 0
     for epoch in range(done + 1, cfg.epochs + 1):
         start = time.perf_counter()
-        train_terms = _train_epoch(vae, opt, frames, train, cfg, rng, device, epoch, progress, precision)
-        val_terms = _evaluate(vae, frames, val, cfg, device)
+        train_terms = _train_epoch(vae, opt, frames, train, cfg, rng, device, epoch, progress, precision,
+                                   weights)
+        val_terms = _evaluate(vae, frames, val, cfg, device, weights)
         record = _epoch_record(epoch, train_terms, val_terms, len(train), len(val),
                                time.perf_counter() - start)
         save_recon_grid(vae, grid, run.dir / "plots" / f"vae_recon_epoch{epoch}.png", device)

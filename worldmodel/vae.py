@@ -116,28 +116,78 @@ class ConvVAE(nn.Module):
 
 
 def vae_loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-             kl_tolerance: float, beta: float) -> dict[str, torch.Tensor]:
+             kl_tolerance: float, beta: float, weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The negative ELBO with free bits, as the paper's code computes it.
 
-    x, recon: (B, 3, 64, 64); mu, logvar: (B, Z).  Every returned term is a
-    scalar averaged over the batch:
+    x, recon: (B, 3, 64, 64); mu, logvar: (B, Z); weight: None or per-pixel weights
+    (B, 1, 64, 64) of the squared error (:func:`pixel_weights`).  Every returned term
+    is a scalar averaged over the batch:
 
-    - ``recon``:  sum over pixels of (x - x̂)²  (a Gaussian -log p(x|z) up to constants)
+    - ``recon_raw``: sum over pixels of (x - x̂)²  (a Gaussian -log p(x|z) up to constants)
+    - ``recon``:  the same with each pixel's error times its weight (= recon_raw without weights)
     - ``kl_raw``: KL(q(z|x) ‖ N(0, I)) summed over z
     - ``kl``:     the same, floored per image at kl_tolerance · Z (free bits)
     - ``loss``:   recon + beta · kl
     """
     z_dim = mu.shape[1]
-    recon_err = (x - recon).pow(2).sum(dim=(1, 2, 3))
+    sq = (x - recon).pow(2)
+    recon_raw = sq.sum(dim=(1, 2, 3)).mean()
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
     kl_floored = torch.clamp(kl, min=kl_tolerance * z_dim)
     out = {
-        "recon": recon_err.mean(),
+        "recon": recon_raw if weight is None else (sq * weight).sum(dim=(1, 2, 3)).mean(),
+        "recon_raw": recon_raw,
         "kl_raw": kl.mean(),
         "kl": kl_floored.mean(),
     }
     out["loss"] = out["recon"] + beta * out["kl"]
     return out
+
+
+# ----------------------------------------------------------------- colour balance
+
+COLOUR_LEVELS = 8  # levels per channel of the colour histogram: 8³ = 512 bins
+
+
+def colour_bins(frames: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """uint8 frames (..., 3) -> the colour bin of every pixel (...), in [0, COLOUR_LEVELS³)."""
+    shift = 8 - int(np.log2(COLOUR_LEVELS))
+    if isinstance(frames, torch.Tensor):
+        q = frames.to(torch.int64) >> shift
+    else:
+        q = frames.astype(np.int64) >> shift
+    return (q[..., 0] * COLOUR_LEVELS + q[..., 1]) * COLOUR_LEVELS + q[..., 2]
+
+
+def colour_weights(frames: np.ndarray, gamma: float, max_weight: float) -> np.ndarray:
+    """Per-colour-bin weights of the reconstruction error that favour rare colours.
+
+    frames: uint8 (N, H, W, 3), a sample of the training frames.  A bin that holds a
+    share p of the pixels gets a weight ∝ p^-gamma, capped at ``max_weight`` times the
+    weight of the commonest colour; the table is then scaled so that the mean weight
+    over the sample's pixels is 1, which keeps the reconstruction term on the scale
+    of the unweighted one.  gamma = 0 gives 1 everywhere (the paper's loss).  Bins
+    that never occur get the largest weight.  Returns float32 (COLOUR_LEVELS³,).
+
+    Why: in TakeCover a distant fireball is a few bright pixels on a grey floor, so
+    the plain squared error barely notices when V drops it (docs/results.md).
+    """
+    counts = np.bincount(colour_bins(frames).ravel(), minlength=COLOUR_LEVELS ** 3).astype(np.float64)
+    share = counts / max(counts.sum(), 1.0)
+    seen = share > 0
+    w = np.ones_like(share)
+    if gamma > 0 and seen.any():
+        w[seen] = (share[seen] / share.max()) ** -gamma
+        w = np.minimum(w, max_weight)
+        w[~seen] = w[seen].max()
+    w /= (share * w).sum() if seen.any() else 1.0
+    return w.astype(np.float32)
+
+
+def pixel_weights(frames: np.ndarray | torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """uint8 frames (B, 64, 64, 3) and a :func:`colour_weights` table -> weights (B, 1, 64, 64)."""
+    bins = torch.as_tensor(colour_bins(frames), device=table.device)
+    return table[bins].unsqueeze(1)
 
 
 def save_vae(path: str | os.PathLike, vae: ConvVAE) -> None:
