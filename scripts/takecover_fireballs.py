@@ -3,7 +3,8 @@
     python scripts/takecover_fireballs.py --run runs/tb [--vae runs/tc9/vae.pt ...] [--frames 4000]
 
 Takes up to ``--frames`` frames from the run's validation episodes (the split V was trained
-without), reconstructs each from its mean z with every V given (default: the run's own
+without: the episodes no newer than the run's ``vae.pt``, split as ``train-vae`` split them, so
+episodes that ``iterate`` added later change nothing), reconstructs each from its mean z with every V given (default: the run's own
 ``vae.pt``) and counts the fireball pixels that survive.  A fireball pixel is bright yellow:
 red > 180 and green > 150 (the imps' fireballs are the only such thing in the room); it
 survives when the reconstruction there is still red > 150 and green > 120.  Frames are
@@ -57,32 +58,32 @@ def main() -> None:
 
     import torch
 
+    from agents.watch import decode
     from worldmodel.episodes import list_episodes, load_episode
     from worldmodel.errors import UserError
     from worldmodel.latents import split_episodes
     from worldmodel.runs import open_run
-    from worldmodel.vae import load_vae, preprocess
+    from worldmodel.vae import encode_frames, load_vae
 
     try:
         run = open_run(args.run, None, create=False)
         if args.frames < 1:
             raise UserError("--frames must be at least 1")
         episodes = list_episodes(run.episodes_dir)
+        if run.vae_path.exists():
+            trained_at = run.vae_path.stat().st_mtime_ns
+            episodes = [p for p in episodes if p.stat().st_mtime_ns <= trained_at]
         if not episodes:
             raise UserError(f"{run.episodes_dir}: no episodes")
         _, val = split_episodes(len(episodes), run.cfg.vae.val_fraction, run.cfg.vae.seed)
         pool = np.concatenate([load_episode(episodes[i], keys=("obs",))["obs"] for i in (val if len(val) else [0])])
         pick = np.sort(np.random.default_rng(args.seed).permutation(len(pool))[:args.frames])
         frames = pool[pick]
-        print(f"{len(frames)} frames of {len(val)} validation episodes; per group of fireball pixels per frame: "
+        print(f"{len(frames)} frames of {len(val)} validation episodes (of {len(episodes)}); per group of fireball pixels per frame: "
               "frames, share of fireball pixels kept, share of frames with any kept", flush=True)
         for path in args.vae or [run.vae_path]:
             vae = load_vae(path, run.cfg.vae.z_dim, "cpu")
-            with torch.inference_mode():
-                recon = np.concatenate([
-                    vae.decode(vae.encode(preprocess(frames[b:b + 256]))[0]).permute(0, 2, 3, 1)
-                    .mul(255).round().to(torch.uint8).numpy()
-                    for b in range(0, len(frames), 256)])
+            recon = decode(vae, torch.from_numpy(encode_frames(vae, frames, 256)[0]))
             cells = [f"{name} px: {n} fr, {pixels:.3f} kept, {any_kept:.3f} any"
                      for name, (n, pixels, any_kept) in fireball_recall(frames, recon).items()]
             print(f"{path}: " + "; ".join(cells), flush=True)

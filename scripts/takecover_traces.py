@@ -90,14 +90,13 @@ def save_recon(path: Path, vae, shots: list[np.ndarray]) -> None:
     import torch
     from PIL import Image
 
-    from worldmodel.vae import preprocess
+    from agents.watch import decode
+    from worldmodel.vae import encode_frames
 
     rows = []
-    with torch.no_grad():
-        for frames in shots:
-            mu, _ = vae.encode(preprocess(frames, "cpu"))
-            recon = (vae.decode(mu).permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy()
-            rows += [np.concatenate(list(frames), 1), np.concatenate(list(recon), 1)]
+    for frames in shots:
+        recon = decode(vae, torch.from_numpy(encode_frames(vae, frames, len(frames))[0]))
+        rows += [np.concatenate(list(frames), 1), np.concatenate(list(recon), 1)]
     image = np.concatenate(rows, 0)
     Image.fromarray(image).resize((image.shape[1] * 2, image.shape[0] * 2), Image.NEAREST).save(path)
 

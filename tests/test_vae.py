@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -350,7 +351,14 @@ def test_fireballs_script_runs_on_a_run(tmp_path):
     result = subprocess.run([sys.executable, "scripts/takecover_fireballs.py", "--run", str(run.dir), "--frames", "5"],
                             cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "5 frames of 1 validation episodes" in result.stdout and str(run.vae_path) in result.stdout
+    assert "5 frames of 1 validation episodes (of 3)" in result.stdout and str(run.vae_path) in result.stdout
+    # episodes collected after V (iterate) are not V's validation split: the output stays the same
+    newer = episode_path(run.episodes_dir, 3)
+    save_episode(newer, load_episode(episode_path(run.episodes_dir, 0)))
+    os.utime(newer, ns=(run.vae_path.stat().st_mtime_ns + 10**9,) * 2)
+    again = subprocess.run([sys.executable, "scripts/takecover_fireballs.py", "--run", str(run.dir), "--frames", "5"],
+                           cwd=root, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout == result.stdout
     bad = subprocess.run([sys.executable, "scripts/takecover_fireballs.py", "--run", str(tmp_path / "nope")],
                          cwd=root, capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
