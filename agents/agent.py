@@ -40,14 +40,17 @@ class Agent:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, cfg: Config, params: np.ndarray | None = None,
-                 device: torch.device | str = "cpu") -> Agent:
-        """Load V, M and (unless ``params`` is given) the controller from a run folder."""
+                 device: torch.device | str = "cpu", m_path: str | Path | None = None) -> Agent:
+        """Load V, M and (unless ``params`` is given) the controller from a run folder.
+
+        ``m_path``: another M file than the run's m.pt (``select`` plays controllers with the M
+        they were checked with, kept in ``m_history/``)."""
         run_dir = Path(run_dir)
         for name, what in (("vae.pt", "train-vae"), ("m.pt", "train-rnn")):
             if not (run_dir / name).exists():
                 raise UserError(f"{run_dir}/{name}: not found; run `python run.py {what}` first")
         vae = load_vae(run_dir / "vae.pt", cfg.vae.z_dim, device)
-        m = load_m(run_dir / "m.pt", cfg, z_dim=cfg.vae.z_dim, device=device)
+        m = load_m(Path(m_path) if m_path else run_dir / "m.pt", cfg, z_dim=cfg.vae.z_dim, device=device)
         spec = ControllerSpec.for_config(cfg, m)
         if params is None:
             path = run_dir / "controller.pt"

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,9 +56,13 @@ from worldmodel.plots import plot_run
 from worldmodel.runs import Run
 from worldmodel.torch_utils import resolve_device
 
-EvaluateFn = Callable[[np.ndarray, int, int], list]
+#: evaluate_fn(params (P,), episodes, seed[, m_path=...]) -> real returns; ``m_path`` plays the
+#: controller with another M file than the run's m.pt (agents/select.py).
+EvaluateFn = Callable[..., list]
 
 STATE_FILE = "cmaes.pkl"
+#: Copies of every M that real checks were played with, named by :func:`weights_fingerprint`.
+M_HISTORY_DIR = "m_history"
 DREAM_CONTROLLER_FILE = "controller_dream.pt"
 STATE_VERSION = 1
 #: Seed handed to ``evaluate_fn`` (plus ``cmaes.seed``): the same episodes at every check,
@@ -75,6 +80,23 @@ def weights_fingerprint(m: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def m_snapshot_path(run: Run, m_id: str) -> Path:
+    """Where the M with fingerprint ``m_id`` is kept: ``m_history/<m_id>.pt``."""
+    return run.dir / M_HISTORY_DIR / f"{m_id}.pt"
+
+
+def keep_m_snapshot(run: Run, m_id: str) -> None:
+    """Copy the run's m.pt to ``m_history/<m_id>.pt`` (once), so that ``select`` can later play a
+    controller checked with this M after ``iterate`` has trained M on.  Not for ensembles: their
+    fingerprint covers every member, and the agent plays with the first one only."""
+    path = m_snapshot_path(run, m_id)
+    if run.cfg.model.ensemble > 1 or path.exists() or not run.m_path.exists():
+        return
+    path.parent.mkdir(exist_ok=True)
+    with atomic_path(path) as tmp:
+        shutil.copyfile(run.m_path, tmp)
 
 
 def generation_seed(seed: int, generation: int) -> int:
@@ -192,6 +214,7 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
     """
     cfg, c = run.cfg, run.cfg.cmaes
     device = resolve_device(cfg.system.device)
+    runs_own_m = m is None
     m = (m if m is not None else load_world_model(run, device)).eval()
     device = next(m.parameters(), torch.zeros(0)).device
     starts = (starts if starts is not None else load_start_latents(run)).to(device)
@@ -201,6 +224,8 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
                         "but M was trained with model.predict_reward=false")
     spec = ControllerSpec.for_config(cfg, m)
     m_id = weights_fingerprint(m)
+    if runs_own_m and evaluate_fn is not None:
+        keep_m_snapshot(run, m_id)
 
     state_path = run.path(STATE_FILE)
     if state_path.exists():

@@ -45,7 +45,7 @@ def play(task: dict) -> list[dict]:
     frames = np.stack([env.reset(seed=s)[0] for env, s in zip(games, seeds)])
     videos = {i: [env.render()] for i, (env, s) in enumerate(zip(games, seeds)) if _video_path(task, s)}
     if task["policy"] == "agent":
-        agent = Agent.from_run(task["run"], cfg, task.get("params"))
+        agent = Agent.from_run(task["run"], cfg, task.get("params"), m_path=task.get("m_path"))
         agent.reset(len(seeds), seeds)
     else:  # a baseline: one policy per environment, its draws from the episode's seed
         baselines = [PacingPolicy(cfg.eval.pacer_steps) if task["policy"] == "pacing"
@@ -94,14 +94,16 @@ def _stats(returns: list[float]) -> dict:
 
 def play_many(run: Run, policy: str, seeds: list[int], params: np.ndarray | None = None,
               workers: int | None = None, backend: str | None = None, video_seeds: tuple = (),
-              progress: bool = False, desc: str = "evaluate") -> list[dict]:
-    """Play ``seeds`` with the agent (``policy="agent"``) or a baseline ("random", "pacing"), in parallel."""
+              progress: bool = False, desc: str = "evaluate", m_path: Path | None = None) -> list[dict]:
+    """Play ``seeds`` with the agent (``policy="agent"``) or a baseline ("random", "pacing"), in parallel.
+
+    ``m_path``: the agent's M, when not the run's m.pt."""
     cfg = run.cfg
     workers = workers or cfg.eval.workers or default_workers()
     per_task = max(1, min(ENVS_PER_TASK, -(-len(seeds) // workers)))
     base = {"run": str(run.dir), "config": config_lib.to_dict(cfg), "policy": policy,
             "params": None if params is None else np.asarray(params, np.float32),
-            "video_seeds": tuple(video_seeds)}
+            "video_seeds": tuple(video_seeds), "m_path": None if m_path is None else str(m_path)}
     tasks = [{**base, "name": f"{policy} seeds {seeds[i]}..", "seeds": seeds[i:i + per_task]}
              for i in range(0, len(seeds), per_task)]
     results: list[dict] = []
@@ -115,10 +117,12 @@ def play_many(run: Run, policy: str, seeds: list[int], params: np.ndarray | None
 
 
 def evaluate_params(run: Run, params: np.ndarray, episodes: int, seed: int,
-                    workers: int | None = None, backend: str | None = None) -> list[float]:
-    """Real-environment returns of controller ``params`` on seeds seed .. seed+episodes-1."""
+                    workers: int | None = None, backend: str | None = None,
+                    m_path: Path | None = None) -> list[float]:
+    """Real-environment returns of controller ``params`` (with M ``m_path``, default the run's
+    m.pt) on seeds seed .. seed+episodes-1."""
     seeds = list(range(seed, seed + episodes))
-    return [r["return"] for r in play_many(run, "agent", seeds, params, workers, backend)]
+    return [r["return"] for r in play_many(run, "agent", seeds, params, workers, backend, m_path=m_path)]
 
 
 def dream_score(run: Run, episodes: int, seed: int, policy: str | Callable[[int], float] = "agent",

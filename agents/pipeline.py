@@ -20,8 +20,8 @@ from worldmodel.runs import Run
 
 
 def _real_check(run: Run, workers: int | None, backend: str | None):
-    def real_check(params: np.ndarray, episodes: int, seed: int) -> list[float]:
-        return evaluate_params(run, params, episodes, seed, workers, backend)
+    def real_check(params: np.ndarray, episodes: int, seed: int, m_path=None) -> list[float]:
+        return evaluate_params(run, params, episodes, seed, workers, backend, m_path)
 
     return real_check
 

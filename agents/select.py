@@ -7,9 +7,15 @@ controller: it was picked for scoring high on those few episodes (run tc1b score
 check episodes and 692 on 100 held-out ones).  :func:`select_controller` plays the
 ``cmaes.select_top`` best-checked controllers on ``cmaes.select_episodes`` fresh episodes
 (seeds 2,000,000 + ``cmaes.seed`` …, used by nothing else) and keeps the one with the best mean
-there.  Only checks played with the run's current M are candidates: C reads M's h, so a
-controller checked before an iteration retrained M would now play with an M it was not evolved
-in (run tc7 in docs/results.md: generation 260 fell from 730.6 to 593.2 on the same 64 episodes).
+there.  C reads M's h, so each controller is played with the M it was checked with: a
+controller checked before an iteration retrained M would do worse with the new one (run tc7 in
+docs/results.md: generation 260 fell from 730.6 to 593.2 on the same 64 episodes).  The dream
+keeps a copy of every M it checks controllers with (``m_history/<fingerprint>.pt``,
+:func:`agents.cmaes.keep_m_snapshot`), so the checks of every iteration are candidates; checks
+whose M was not kept (an ensemble, a run from before the copies) count only with the current M.
+When the winner was checked with an earlier M, that M becomes the run's ``m.pt`` again (the
+training state stays in ``m_ckpt.pt``), so that the agent in ``evaluate`` and ``watch`` is the
+one that was selected.
 
 Scores are cached in ``select.json`` per (episodes, seed, how the agent acts: ``controller.real_z``
 and ``controller.action_noise``) and generation, so a rerun plays only controllers not yet scored
@@ -19,14 +25,15 @@ under the same rules; ``controller.pt`` is rewritten only when the choice change
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any
 
 import numpy as np
 
-from agents.cmaes import STATE_FILE, EvaluateFn, load_state, weights_fingerprint
+from agents.cmaes import STATE_FILE, EvaluateFn, load_state, m_snapshot_path, weights_fingerprint
 from agents.controller import load_controller, save_controller
 from envs.dream import load_world_model
-from worldmodel.io import write_json
+from worldmodel.io import atomic_path, write_json
 from worldmodel.runs import Run
 
 SELECT_SEED_BASE = 2_000_000
@@ -52,8 +59,9 @@ def _cache_key(run: Run, seed: int) -> str:
 def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None) -> dict[str, Any]:
     """Play the best-checked controllers on fresh episodes; write the winner to ``controller.pt``.
 
-    evaluate_fn(params (P,), episodes, seed) -> real returns.  ``m_id``: fingerprint of the
-    current M (None: computed from the run's M files when a check names one).  Returns a summary.
+    evaluate_fn(params (P,), episodes, seed[, m_path=...]) -> real returns; ``m_path`` is passed
+    for a controller checked with an earlier M.  ``m_id``: fingerprint of the current M (None:
+    computed from the run's M files when a check names one).  Returns a summary.
     """
     c = run.cfg.cmaes
     state_path = run.path(STATE_FILE)
@@ -66,9 +74,10 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None
     if any(ch.get("m") for ch in checks):  # runs from before checks named their M: all count
         if m_id is None:
             m_id = weights_fingerprint(load_world_model(run))
-        checks = [ch for ch in checks if ch.get("m") == m_id]
+        checks = [ch for ch in checks if ch.get("m") == m_id or m_snapshot_path(run, ch["m"]).exists()]
         if not checks:
-            return {"selected": "skipped (no real check was played with the current M; run `dream` on)"}
+            return {"selected": "skipped (no real check was played with the current M or a kept one; "
+                                "run `dream` on)"}
     top = sorted(checks, key=lambda ch: -ch["real_score"])[: c.select_top]
     seed = SELECT_SEED_BASE + c.seed
     cache = _read_cache(run)
@@ -76,7 +85,9 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None
     for check in top:
         key = str(check["generation"])
         if key not in scores or scores[key].get("m") != check.get("m"):
-            returns = np.asarray(evaluate_fn(check["params"].copy(), c.select_episodes, seed), np.float64)
+            earlier = {"m_path": m_snapshot_path(run, check["m"])} if check.get("m") not in (None, m_id) else {}
+            returns = np.asarray(evaluate_fn(check["params"].copy(), c.select_episodes, seed, **earlier),
+                                 np.float64)
             scores[key] = {"mean": float(returns.mean()), "std": float(returns.std()),
                            "check_score": float(check["real_score"]), "m": check.get("m")}
             write_json(run.path(SELECT_FILE), cache)
@@ -84,13 +95,18 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None
                   f"{c.select_episodes} fresh episodes {returns.mean():.1f} ± {returns.std():.1f}", flush=True)
     best = max(top, key=lambda ch: scores[str(ch["generation"])]["mean"])
     chosen = scores[str(best["generation"])]
+    if best.get("m") not in (None, m_id):  # checked with an earlier M: the agent plays with that one
+        with atomic_path(run.m_path) as tmp:
+            shutil.copyfile(m_snapshot_path(run, best["m"]), tmp)
+        print(f"   select: generation {best['generation']} was checked with an earlier M; "
+              f"{run.m_path} is that M again ({m_snapshot_path(run, best['m']).name})", flush=True)
     current, meta = load_controller(run.controller_path)
     if not np.array_equal(current, best["params"]):
         meta.update(source="select", generation=int(best["generation"]), dream_score=float(best["dream_score"]),
                     real_score=float(best["real_score"]), select_score=chosen["mean"],
-                    select_episodes=c.select_episodes)
+                    select_episodes=c.select_episodes, **({"m": best["m"]} if best.get("m") else {}))
         save_controller(run.controller_path, best["params"], meta)
-    return {"selected_generation": int(best["generation"]), "select_score": chosen["mean"],
+    return {"selected_generation": int(best["generation"]), "select_score": chosen["mean"], "m": best.get("m"),
             "select_std": chosen["std"], "check_score": chosen["check_score"],
             "candidates": {int(k): v["mean"] for k, v in scores.items() if int(k) in
                            {int(ch["generation"]) for ch in top}},

@@ -307,6 +307,50 @@ def test_dream_baselines_script_scores_the_pacer_as_evaluate_does(tiny, tmp_path
     assert len(set(lines.values())) > 1
 
 
+def test_real_cmaes_script_plays_each_row_with_its_own_controller(tiny, evaluated):
+    """scripts/takecover_real_cmaes.py steps many controllers in lockstep: each row's episode is
+    the one `evaluate` plays for that controller and seed, whatever its batch-mates do."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_cmaes", ROOT / "scripts" / "takecover_real_cmaes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, report = evaluated
+    by_seed = {e["seed"]: e["return"] for e in report["agent"]["episodes_detail"]}
+    run, params = tiny["run"], tiny["params"]
+    still = np.zeros_like(params)  # always "stay": dies at other steps than the agent
+    base = {"run": str(run.dir), "config": config_lib.to_dict(run.cfg)}
+    mixed = script.play_rows({**base, "params": np.stack([params, still, params]),
+                              "seeds": [SEED, SEED, SEED + 1]})
+    alone = script.play_rows({**base, "params": still[None], "seeds": [SEED]})
+    assert mixed[0] == by_seed[SEED] and mixed[2] == by_seed[SEED + 1]
+    assert mixed[1] == alone[0]
+    assert mixed[1] != mixed[0]  # the rows did play different controllers
+
+
+def test_real_cmaes_script_logs_real_and_dream_fitness_and_resumes(tiny, tmp_path):
+    from agents.controller import load_controller
+
+    out = tmp_path / "real"
+    command = [sys.executable, "scripts/takecover_real_cmaes.py", "--run", str(tiny["run"].dir), "--out", str(out),
+               "--generations", "2", "--population", "2", "--episodes", "1", "--check-every", "2",
+               "--check-episodes", "1", "--dream-rollouts", "2", "--workers", "1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    log = [json.loads(line) for line in (out / "real_cmaes.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in log] == [1, 2]
+    assert all(len(r["dream"]) == len(r["real"]) == 3 for r in log)  # 2 candidates and the centre
+    assert all(r["centre"] == r["real"][-1] for r in log)
+    assert "check_mean" in log[1] and "check_mean" not in log[0]
+    params, meta = load_controller(out / "controller.pt", expected_params=tiny["params"].size)
+    assert meta["generation"] == 2 and meta["real_score"] == log[1]["check_mean"]
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert len((out / "real_cmaes.jsonl").read_text().splitlines()) == 2  # done: nothing replayed
+    bad = subprocess.run([*command[:-2], "--workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.startswith("error: --workers 0") and "Traceback" not in bad.stderr
+
+
 def test_traces_script_refuses_a_carracing_run(make_run):
     run = make_run(overrides=["env.name=carracing"])
     result = subprocess.run([sys.executable, "scripts/takecover_traces.py", "--run", str(run.dir)],

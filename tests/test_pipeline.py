@@ -11,18 +11,19 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import ROOT, SMOKE
 
+from agents.cmaes import load_state, weights_fingerprint
 from agents.pipeline import _current_report
 from worldmodel.io import write_json
+from worldmodel.runs import open_run
+from worldmodel.train_m import load_m
 
 STAGES = ("collect", "train-vae", "train-rnn", "dream", "iterate", "select", "evaluate")
 #: What a finished stage made; a rerun must leave every byte and mtime as it was.
-#: (m.pt is written again with the same weights; plots are redrawn; dream.jsonl is rewritten
-#: from the CMA-ES state: those are compared by content below.)
-KEPT = ("episodes", "latents", "vae.pt", "vae_ckpt.pt", "m_ckpt.pt", "cmaes.pkl", "controller.pt", "select.json",
-        "controller_dream.pt", "eval.json")
+#: (plots are redrawn and dream.jsonl is rewritten from the CMA-ES state.)
+KEPT = ("episodes", "latents", "vae.pt", "vae_ckpt.pt", "m.pt", "m_ckpt.pt", "m_history", "cmaes.pkl",
+        "controller.pt", "select.json", "controller_dream.pt", "eval.json")
 
 
 def _pipeline(run_dir: Path, log: Path) -> tuple[subprocess.CompletedProcess, float]:
@@ -58,8 +59,7 @@ def first(tmp_path_factory):
     result, seconds = _pipeline(run_dir, log)
     assert result.returncode == 0, log.read_text()[-3000:]
     return {"dir": run_dir, "root": root, "log": log.read_text(), "seconds": seconds,
-            "snapshot": _snapshot(run_dir), "metrics": _metrics(run_dir),
-            "m": torch.load(run_dir / "m.pt", weights_only=True)["state_dict"]}
+            "snapshot": _snapshot(run_dir), "metrics": _metrics(run_dir)}
 
 
 def test_pipeline_runs_every_stage_and_prints_both_scores(first):
@@ -71,6 +71,13 @@ def test_pipeline_runs_every_stage_and_prints_both_scores(first):
     assert [r["generation"] for r in first["metrics"]["dream"]] == [1, 2, 3]  # + iterate.generations
     assert [r["iteration"] for r in first["metrics"]["iterate"]] == [1]
     assert json.loads((run_dir / "select.json").read_text())  # the best checks played again
+    # Every M a real check was played with is kept under its fingerprint, for select.
+    run = open_run(run_dir, None, create=False)
+    checked = {check["m"] for check in load_state(run_dir / "cmaes.pkl")["checks"]}
+    kept = sorted((run_dir / "m_history").glob("*.pt"))
+    assert len(checked) == 2 and {p.stem for p in kept} == checked  # the first dream's M and iteration 1's
+    assert all(weights_fingerprint(load_m(p, run.cfg)) == p.stem for p in kept)
+    assert weights_fingerprint(load_m(run_dir / "m.pt", run.cfg)) in checked
     assert [r["stage"] for r in first["metrics"]["pipeline"]] == list(STAGES)
     report = json.loads((run_dir / "eval.json").read_text())
     a, r = report["agent"], report["random"]
@@ -94,8 +101,6 @@ def test_rerun_skips_every_stage_and_prints_the_same_scores(first):
     for stage in ("vae", "m", "dream"):  # no epoch, no generation added
         assert metrics[stage] == first["metrics"][stage], stage
     assert [r["stage"] for r in metrics["pipeline"][len(STAGES):]] == list(STAGES[:-1])  # evaluate kept
-    m = torch.load(run_dir / "m.pt", weights_only=True)["state_dict"]
-    assert m.keys() == first["m"].keys() and all(torch.equal(m[k], first["m"][k]) for k in m)
     assert "kept" in text and _score_lines(text) == _score_lines(first["log"])
     assert seconds < 0.5 * first["seconds"], (seconds, first["seconds"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.cmaes import STATE_FILE, _new_state, _save_state, load_state
+from agents.cmaes import STATE_FILE, _new_state, _save_state, load_state, m_snapshot_path
 from agents.controller import load_controller, save_controller
 from agents.select import SELECT_SEED_BASE, select_controller
 from worldmodel.runs import open_run
@@ -30,9 +30,10 @@ class FakeGame:
     def __init__(self, fresh_means: list[float]):
         self.fresh_means, self.calls = fresh_means, []
 
-    def __call__(self, params: np.ndarray, episodes: int, seed: int) -> list[float]:
+    def __call__(self, params: np.ndarray, episodes: int, seed: int, m_path=None) -> list[float]:
         i = int(params[0])
         self.calls.append((i, episodes, seed))
+        self.m_paths = {**getattr(self, "m_paths", {}), i: m_path}
         return [self.fresh_means[i]] * episodes
 
 
@@ -100,3 +101,29 @@ def test_only_checks_played_with_the_current_m_are_candidates(make_run):
     later = FakeGame([0.0, 0.0, 0.0])
     assert select_controller(run, later, m_id="newer")["selected"].startswith("skipped")
     assert later.calls == []
+
+
+def test_checks_of_an_earlier_m_play_with_that_m_and_the_winner_brings_it_back(make_run):
+    # Iteration 1's M ("old", kept in m_history/) checked controller 0; the current M ("new") the others.
+    run = _run_with_checks(make_run, [900.0, 700.0, 300.0])
+    state = load_state(run.path(STATE_FILE))
+    for check, m in zip(state["checks"], ["old", "new", "new"]):
+        check["m"] = m
+    _save_state(run.path(STATE_FILE), state)
+    m_snapshot_path(run, "old").parent.mkdir()
+    m_snapshot_path(run, "old").write_bytes(b"iteration 1's M")
+    run.m_path.write_bytes(b"the last M")
+    save_controller(run.controller_path, np.full(P, 1, np.float32), {"source": "real"})  # the last M's best
+    game = FakeGame([1000.0, 650.0, 500.0])
+    summary = select_controller(run, game, m_id="new")
+    assert sorted(i for i, _, _ in game.calls) == [0, 1]
+    assert game.m_paths == {0: m_snapshot_path(run, "old"), 1: None}  # each with the M it was checked with
+    assert summary["selected_generation"] == 10 and summary["m"] == "old"
+    assert run.m_path.read_bytes() == b"iteration 1's M"  # the agent plays with its own M
+    params, meta = load_controller(run.controller_path)
+    np.testing.assert_array_equal(params, np.zeros(P, np.float32))
+    assert meta["m"] == "old" and meta["select_score"] == 1000.0
+    # Run again, now that m.pt is the old M: nothing is played, nothing changes.
+    again = FakeGame([0.0, 0.0, 0.0])
+    assert select_controller(run, again, m_id="old")["selected_generation"] == 10 and again.calls == []
+    assert run.m_path.read_bytes() == b"iteration 1's M"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,27 @@ def test_resume_continues_after_last_epoch(tmp_path, capsys):
     assert any(not torch.equal(first_weights[k], final[k]) for k in final)
     again = train_m(resumed)  # nothing left to do: reports the stored model
     assert again["epoch"] == 3 and len(read_jsonl(run.metrics_path("m"))) == 3
+
+
+def test_finished_training_keeps_an_m_pt_written_after_its_checkpoint(tmp_path, capsys):
+    # `select` may put back an earlier M that its controller was checked with (agents/select.py):
+    # a rerun with nothing to train must not overwrite it with the checkpoint's M ...
+    run = _run(tmp_path, overrides=["model.epochs=1"])
+    train_m(run)
+    earlier = build_m(run.cfg, Z, A)
+    save_m(run.m_path, earlier, dataclasses.asdict(run.cfg.model))
+    selected = run.m_path.read_bytes()
+    train_m(run)
+    assert run.m_path.read_bytes() == selected and "m.pt kept" in capsys.readouterr().out
+    # ... but an m.pt older than the checkpoint (killed between the two writes) is written again.
+    ckpt = run.dir / "m_ckpt.pt"
+    stamp = run.m_path.stat().st_mtime_ns
+    os.utime(ckpt, ns=(stamp + 10**9, stamp + 10**9))
+    train_m(run)
+    restored = torch.load(run.m_path, weights_only=True)["state_dict"]
+    trained = torch.load(ckpt, weights_only=True)["model"]
+    assert all(torch.equal(restored[k], trained[k]) for k in trained)
+    assert any(not torch.equal(restored[k], earlier.state_dict()[k]) for k in trained)
 
 
 def test_train_rnn_before_train_vae_is_user_error(tmp_path):

@@ -282,11 +282,18 @@ def _train_member(run: Run, member: int, train: Latents, val: Latents | None,
         append_jsonl(metrics_path, record)
         _save_resume(run, m, opt, epoch, member)
         print(_format(record) + name)
-    if not record:  # nothing left to train: report the stored model
-        record = {"epoch": done_epochs, **_evaluate(m, train, val, cfg, device)}
     path = run.member_path(member)
-    save_m(path, m, dataclasses.asdict(cfg.model))
-    print(f"M saved to {path}")
+    trained = bool(record)
+    if not trained:  # nothing left to train: report the stored model
+        record = {"epoch": done_epochs, **_evaluate(m, train, val, cfg, device)}
+    ckpt = _ckpt_path(run, member)
+    if not trained and path.exists() and ckpt.exists() and path.stat().st_mtime_ns > ckpt.stat().st_mtime_ns:
+        # Written after the checkpoint: by this training, or by `select`, which may have put back
+        # an earlier M that the chosen controller was checked with (agents/select.py).
+        print(f"M is trained; {path} kept")
+    else:
+        save_m(path, m, dataclasses.asdict(cfg.model))
+        print(f"M saved to {path}")
     return {"m_path": str(path), "train_episodes": train.n_episodes,
             "val_episodes": val.n_episodes if val is not None else 0, **record}
 
