@@ -23,7 +23,9 @@ is the ordinary resumable stage with a larger target, and rerunning ``iterate`` 
 a kill continues where it stopped.  ``metrics/iterate.jsonl`` gets one record per
 finished iteration (the noisy agent's real return while collecting, M's validation
 loss, the dream and real scores at the iteration's end); a recorded iteration is not
-run again.
+run again.  The controller that collects iteration i is kept in ``collectors/iteration_<i>.pt``,
+so an iteration resumed after its dream has moved the centre still collects, and reports,
+with the one it began with.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ import numpy as np
 
 from agents.cmaes import STATE_FILE, load_state, restart_search
 from agents.collect import collect_agent
+from agents.controller import load_controller, save_controller
 from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, read_jsonl
 from worldmodel.runs import Run
 
 METRICS = "iterate"
+COLLECTORS_DIR = "collectors"
 
 
 def iteration_run(run: Run, i: int) -> Run:
@@ -68,6 +72,19 @@ def _current_controller(run: Run) -> tuple[np.ndarray, int]:
     """
     state = load_state(run.path(STATE_FILE))
     return np.asarray(state["es"].mean, np.float32), int(state["generation"])
+
+
+def _collector(run: Run, i: int) -> tuple[np.ndarray, int]:
+    """The controller that collects iteration ``i``'s episodes, and its generation: the centre when
+    the iteration began, kept in ``collectors/iteration_<i>.pt`` for a resumed iteration."""
+    path = run.dir / COLLECTORS_DIR / f"iteration_{i}.pt"
+    if path.exists():
+        params, meta = load_controller(path)
+        return params, int(meta["generation"])
+    params, generation = _current_controller(run)
+    path.parent.mkdir(exist_ok=True)
+    save_controller(path, params, {"iteration": i, "generation": generation})
+    return params, generation
 
 
 def _require_dream(run: Run) -> None:
@@ -99,7 +116,7 @@ def iterate(run: Run, workers: int | None = None, backend: str | None = None, sk
         seconds: dict[str, float] = {}
 
         start = time.perf_counter()
-        params, generation = _current_controller(run)
+        params, generation = _collector(run, i)
         first = prev.cfg.collect.episodes
         collected = collect_agent(run, range(first, cur.cfg.collect.episodes), params, it.noise,
                                   workers, backend, progress)

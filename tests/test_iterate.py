@@ -10,6 +10,7 @@ import torch
 
 from agents.agent import Agent
 from agents.cmaes import STATE_FILE, _save_state, load_state, restart_search
+from agents.controller import load_controller
 from agents.iterate import iterate, iteration_run
 from agents.pipeline import dream
 from worldmodel.episodes import list_episodes, load_episode
@@ -145,3 +146,30 @@ def test_iterate_with_restart_starts_the_new_dream_from_zero(iterated, tmp_path,
     assert len(seen) == 1 and np.all(seen[0] == 0)
     assert load_state(more.path(STATE_FILE))["restarts"] == [done + 1]
     assert read_jsonl(more.metrics_path("iterate"))[-1]["restarted"] is True
+
+
+def test_a_resumed_iteration_reports_the_controller_that_collected(iterated, tmp_path, monkeypatch):
+    run, _, _ = iterated
+    folder = tmp_path / "run"
+    shutil.copytree(run.dir, folder)
+    done = len(read_jsonl(open_run(folder, None, []).metrics_path("iterate")))
+    more = open_run(folder, None, [f"iterate.iterations={done + 1}"])
+    began = load_state(more.path(STATE_FILE))["generation"]
+    import agents.pipeline as pipeline
+
+    real_dream = pipeline.dream
+
+    def killed_after_dreaming(r, **kw):
+        real_dream(r, **kw)  # the dream moves the centre on ...
+        raise KeyboardInterrupt  # ... and the process dies before the iteration is recorded
+
+    monkeypatch.setattr(pipeline, "dream", killed_after_dreaming)
+    with pytest.raises(KeyboardInterrupt):
+        iterate(more, workers=1, progress=False)
+    assert load_state(more.path(STATE_FILE))["generation"] > began
+    monkeypatch.setattr(pipeline, "dream", real_dream)
+    iterate(more, workers=1, progress=False)
+    record = read_jsonl(more.metrics_path("iterate"))[-1]
+    assert record["iteration"] == done + 1 and record["collected_by"]["generation"] == began
+    params, meta = load_controller(folder / "collectors" / f"iteration_{done + 1}.pt")
+    assert meta["generation"] == began
