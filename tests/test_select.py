@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.cmaes import STATE_FILE, _new_state, _save_state, load_state, m_snapshot_path
+from agents.cmaes import STATE_FILE, _new_state, _save_state, m_snapshot_path
 from agents.controller import load_controller, save_controller
 from agents.select import SELECT_SEED_BASE, select_controller
 from worldmodel.runs import open_run
@@ -12,12 +12,14 @@ from worldmodel.runs import open_run
 P = 5
 
 
-def _run_with_checks(make_run, check_scores: list[float], overrides=()):
-    """A run whose CMA-ES state holds one real check per score; controller i's params are all i."""
+def _run_with_checks(make_run, check_scores: list[float], overrides=(), ms: list[str] | None = None):
+    """A run whose CMA-ES state holds one real check per score; controller i's params are all i.
+
+    ``ms``: the fingerprint of the M each check was played with (none: checks from before that)."""
     run = make_run(overrides=["cmaes.select_top=2", "cmaes.select_episodes=6", *overrides])
     state = _new_state(P, run.cfg.cmaes)
     state["checks"] = [{"params": np.full(P, i, np.float32), "generation": 10 * (i + 1), "dream_score": 0.0,
-                        "real_score": score} for i, score in enumerate(check_scores)]
+                        "real_score": score, **({"m": ms[i]} if ms else {})} for i, score in enumerate(check_scores)]
     _save_state(run.path(STATE_FILE), state)
     best = int(np.argmax(check_scores))
     save_controller(run.controller_path, np.full(P, best, np.float32), {"source": "real"})
@@ -28,12 +30,12 @@ class FakeGame:
     """Controller i scores fresh_means[i] on the fresh episodes; records every call."""
 
     def __init__(self, fresh_means: list[float]):
-        self.fresh_means, self.calls = fresh_means, []
+        self.fresh_means, self.calls, self.m_paths = fresh_means, [], {}
 
     def __call__(self, params: np.ndarray, episodes: int, seed: int, m_path=None) -> list[float]:
         i = int(params[0])
         self.calls.append((i, episodes, seed))
-        self.m_paths = {**getattr(self, "m_paths", {}), i: m_path}
+        self.m_paths[i] = m_path
         return [self.fresh_means[i]] * episodes
 
 
@@ -89,11 +91,7 @@ def test_scores_hold_only_for_the_same_way_of_acting(make_run):
 
 
 def test_only_checks_played_with_the_current_m_are_candidates(make_run):
-    run = _run_with_checks(make_run, [300.0, 700.0, 900.0])
-    state = load_state(run.path(STATE_FILE))
-    for check, m in zip(state["checks"], ["old", "new", "new"]):
-        check["m"] = m
-    _save_state(run.path(STATE_FILE), state)
+    run = _run_with_checks(make_run, [300.0, 700.0, 900.0], ms=["old", "new", "new"])
     game = FakeGame([1000.0, 650.0, 500.0])
     summary = select_controller(run, game, m_id="new")
     assert sorted(i for i, _, _ in game.calls) == [1, 2]  # controller 0 was checked with another M
@@ -105,11 +103,7 @@ def test_only_checks_played_with_the_current_m_are_candidates(make_run):
 
 def test_checks_of_an_earlier_m_play_with_that_m_and_the_winner_brings_it_back(make_run):
     # Iteration 1's M ("old", kept in m_history/) checked controller 0; the current M ("new") the others.
-    run = _run_with_checks(make_run, [900.0, 700.0, 300.0])
-    state = load_state(run.path(STATE_FILE))
-    for check, m in zip(state["checks"], ["old", "new", "new"]):
-        check["m"] = m
-    _save_state(run.path(STATE_FILE), state)
+    run = _run_with_checks(make_run, [900.0, 700.0, 300.0], ms=["old", "new", "new"])
     m_snapshot_path(run, "old").parent.mkdir()
     m_snapshot_path(run, "old").write_bytes(b"iteration 1's M")
     run.m_path.write_bytes(b"the last M")
