@@ -28,11 +28,15 @@ class Agent:
     def __init__(self, vae: ConvVAE, m: WorldModel, spec: ControllerSpec, params: np.ndarray,
                  features: str, device: torch.device | str = "cpu", real_z: str = "mean",
                  action_noise: float = 0.0):
-        if params.size != spec.num_params:
-            raise UserError(f"controller has {params.size} parameters, this config expects {spec.num_params}")
+        """``params``: one controller (P,) for every environment, or one per environment (N, P)."""
+        params = np.asarray(params)
+        if params.ndim not in (1, 2) or params.shape[-1] != spec.num_params:
+            raise UserError(f"controller parameters of shape {params.shape}: this config expects "
+                            f"({spec.num_params},) or (environments, {spec.num_params})")
         self.vae, self.m, self.spec, self.features = vae, m, spec, features
         self.device = torch.device(device)
-        self.params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(1, -1)
+        self.params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(-1, spec.num_params)
+        self.per_env = params.ndim == 2
         self.real_z = real_z
         self.action_noise = float(action_noise)
         self.state: State = ()
@@ -43,6 +47,7 @@ class Agent:
                  device: torch.device | str = "cpu", m_path: str | Path | None = None) -> Agent:
         """Load V, M and (unless ``params`` is given) the controller from a run folder.
 
+        ``params``: (P,) or one controller per environment (N, P).
         ``m_path``: another M file than the run's m.pt (``select`` plays controllers with the M
         they were checked with, kept in ``m_history/``)."""
         run_dir = Path(run_dir)
@@ -63,6 +68,8 @@ class Agent:
     def reset(self, batch_size: int, seeds: list[int] | None = None) -> None:
         """Start ``batch_size`` episodes; ``seeds`` fix each one's draws (z samples with
         ``real_z: sample``, action noise with ``controller.action_noise``)."""
+        if self.per_env and batch_size != len(self.params):
+            raise ValueError(f"{batch_size} environments for {len(self.params)} controllers")
         self.state = self.m.initial_state(batch_size)
         seeds = seeds if seeds is not None else list(range(batch_size))
         # One generator per environment, so an episode's draws do not depend on its batch-mates.
@@ -72,6 +79,8 @@ class Agent:
         """Drop finished environments: keep only state rows ``rows`` (indices)."""
         index = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.device)
         self.state = tuple(s[index] for s in self.state)
+        if self.per_env:
+            self.params = self.params[index]
         self.generators = [self.generators[i] for i in np.asarray(rows).tolist()]
 
     def _normal(self, dim: int) -> torch.Tensor:
@@ -86,7 +95,7 @@ class Agent:
         if self.real_z == "sample":
             z = mu + (0.5 * logvar).exp() * self._normal(mu.shape[1])
         features = self.m.features(self.state, z, self.features)
-        actions = act_batched(self.spec, self.params.expand(len(frames), -1), features)
+        actions = act_batched(self.spec, self.params if self.per_env else self.params.expand(len(frames), -1), features)
         if self.action_noise > 0:  # M observes the action taken, as in the dream
             actions = add_action_noise(self.spec, actions, self.action_noise, self._normal(actions.shape[1]))
         self.state = self.m.observe(self.state, z, actions)

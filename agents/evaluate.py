@@ -97,30 +97,38 @@ def play_many(run: Run, policy: str, seeds: list[int], params: np.ndarray | None
               progress: bool = False, desc: str = "evaluate", m_path: Path | None = None) -> list[dict]:
     """Play ``seeds`` with the agent (``policy="agent"``) or a baseline ("random", "pacing"), in parallel.
 
-    ``m_path``: the agent's M, when not the run's m.pt."""
+    ``params``: the agent's controller (P,), or one per seed (len(seeds), P); None: the run's.
+    ``m_path``: the agent's M, when not the run's m.pt.  Results come in the order of ``seeds``
+    (which may repeat: several controllers on one seed)."""
     cfg = run.cfg
     workers = workers or cfg.eval.workers or default_workers()
     per_task = max(1, min(ENVS_PER_TASK, -(-len(seeds) // workers)))
-    base = {"run": str(run.dir), "config": config_lib.to_dict(cfg), "policy": policy,
-            "params": None if params is None else np.asarray(params, np.float32),
+    params = None if params is None else np.asarray(params, np.float32)
+    per_seed = params is not None and params.ndim == 2
+    if per_seed and len(params) != len(seeds):
+        raise ValueError(f"{len(params)} controllers for {len(seeds)} seeds")
+    base = {"run": str(run.dir), "config": config_lib.to_dict(cfg), "policy": policy, "params": params,
             "video_seeds": tuple(video_seeds), "m_path": None if m_path is None else str(m_path)}
-    tasks = [{**base, "name": f"{policy} seeds {seeds[i]}..", "seeds": seeds[i:i + per_task]}
+    tasks = [{**base, "name": f"{policy} seeds {seeds[i]}..", "start": i, "seeds": seeds[i:i + per_task],
+              **({"params": params[i:i + per_task]} if per_seed else {})}
              for i in range(0, len(seeds), per_task)]
-    results: list[dict] = []
+    results: list[dict | None] = [None] * len(seeds)
+    done: list[float] = []
     with tqdm(total=len(seeds), unit="ep", desc=desc, disable=not progress) as bar:
-        for _, episode_results in run_tasks(play, tasks, workers, backend or cfg.system.backend,
-                                            cfg.system.task_timeout, ray_address=cfg.system.ray_address):
-            results.extend(episode_results)
+        for task, episode_results in run_tasks(play, tasks, workers, backend or cfg.system.backend,
+                                               cfg.system.task_timeout, ray_address=cfg.system.ray_address):
+            results[task["start"]:task["start"] + len(episode_results)] = episode_results
+            done.extend(r["return"] for r in episode_results)
             bar.update(len(episode_results))
-            bar.set_postfix(mean=f"{np.mean([r['return'] for r in results]):.1f}")
-    return sorted(results, key=lambda r: r["seed"])
+            bar.set_postfix(mean=f"{np.mean(done):.1f}")
+    return results
 
 
 def evaluate_params(run: Run, params: np.ndarray, episodes: int, seed: int,
                     workers: int | None = None, backend: str | None = None,
                     m_path: Path | None = None) -> list[float]:
     """Real-environment returns of controller ``params`` (with M ``m_path``, default the run's
-    m.pt) on seeds seed .. seed+episodes-1."""
+    m.pt) on seeds seed .. seed+episodes-1, in seed order."""
     seeds = list(range(seed, seed + episodes))
     return [r["return"] for r in play_many(run, "agent", seeds, params, workers, backend, m_path=m_path)]
 
@@ -136,6 +144,14 @@ def dream_score(run: Run, episodes: int, seed: int, policy: str | Callable[[int]
     policy scored with the same seed meets the same dreams.  Returns the statistics of
     :func:`_stats` (with ``temperature``).
     """
+    result, temperature = dream_episodes(run, episodes, seed, policy, max_steps)
+    return {**_stats(result.returns.tolist()), "temperature": temperature}
+
+
+def dream_episodes(run: Run, episodes: int, seed: int, policy: str | Callable[[int], float] = "agent",
+                   max_steps: int | None = None):
+    """The dreams of :func:`dream_score` themselves: (``envs.dream.DreamResult`` with each dream's
+    return, length and whether M ended it, the dream's temperature)."""
     import torch
 
     from agents.controller import ControllerSpec, load_controller
@@ -161,7 +177,7 @@ def dream_score(run: Run, episodes: int, seed: int, policy: str | Callable[[int]
     with torch.no_grad():
         result = dream_rollouts(m, torch.as_tensor(params).reshape(1, -1).expand(episodes, -1), spec, z0,
                                 settings, generator, policy=blind)
-    return {**_stats(result.returns.tolist()), "temperature": settings.temperature}
+    return result, settings.temperature
 
 
 def _earlier_baseline(run: Run, seeds: list[int], policy: str) -> list[dict] | None:

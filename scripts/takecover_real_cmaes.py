@@ -53,54 +53,11 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def play_rows(task: dict) -> list[float]:
-    """Worker: one environment per row, row i playing controller params[i] on seeds[i]."""
-    import torch
-
-    import envs
-    from agents.agent import Agent
-    from worldmodel import config as config_lib
-
-    cfg = config_lib.from_dict(task["config"])
-    params, seeds = np.asarray(task["params"], np.float32), list(task["seeds"])
-    games = [envs.make_from_config(cfg.env) for _ in seeds]
-    frames = np.stack([env.reset(seed=s)[0] for env, s in zip(games, seeds)])
-    agent = Agent.from_run(task["run"], cfg, params[0])
-    agent.reset(len(seeds), seeds)
-    agent.params = torch.from_numpy(params)  # one controller per row (act_batched)
-    alive, returns = list(range(len(seeds))), np.zeros(len(seeds))
-    while alive:
-        actions = agent.act(frames)
-        keep, next_frames = [], []
-        for row, i in enumerate(alive):
-            obs, reward, terminated, truncated, _ = games[i].step(actions[row])
-            returns[i] += reward
-            if not (terminated or truncated):
-                keep.append(row)
-                next_frames.append(obs)
-        if len(keep) < len(alive):
-            agent.keep(np.asarray(keep))
-            agent.params = agent.params[torch.as_tensor(keep, dtype=torch.long)]
-        alive = [alive[row] for row in keep]
-        frames = np.stack(next_frames) if next_frames else frames[:0]
-    for env in games:
-        env.close()
-    return returns.tolist()
-
-
 def play(run, params: np.ndarray, seeds: list[int], workers: int) -> np.ndarray:
     """Real returns of rows ``params`` (N, P) on ``seeds`` (N,), split over ``workers`` processes."""
-    from agents.workers import run_tasks
-    from worldmodel import config as config_lib
+    from agents.evaluate import play_many
 
-    base = {"run": str(run.dir), "config": config_lib.to_dict(run.cfg)}
-    chunks = np.array_split(np.arange(len(seeds)), workers)
-    tasks = [{**base, "rows": c.tolist(), "params": params[c], "seeds": [seeds[i] for i in c]}
-             for c in chunks if len(c)]
-    returns = np.zeros(len(seeds))
-    for task, result in run_tasks(play_rows, tasks, workers, "local", timeout=3600.0):
-        returns[task["rows"]] = result
-    return returns
+    return np.array([r["return"] for r in play_many(run, "agent", seeds, params, workers, "local")])
 
 
 def main() -> None:

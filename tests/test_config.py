@@ -54,9 +54,11 @@ def _write(tmp_path, data):
     ({"collect": {"hold_min": 5, "hold_max": 2}}, ["collect.hold_min", "5"]),
     ({"env": {"name": "carracing"}, "eval": {"pacer_steps": 110}}, ["eval.pacer_steps", "110", "carracing"]),
     ({"model": {"m": "belief", "mixture": "joint"}}, ["model.mixture", "joint", "belief"]),
+    ({"model": {"m": "tdvae", "carry_state": True}}, ["model.carry_state", "tdvae"]),
+    ({"model": {"m": "belief", "time_input": True}}, ["model.time_input", "belief"]),
 ], ids=["unknown-key", "unknown-section", "wrong-type", "float-for-int", "str-for-bool", "below-min",
         "above-max", "bad-env", "bad-choice", "section-not-mapping", "cross-field", "pacer-outside-takecover",
-        "joint-mixture-outside-mdnrnn"])
+        "joint-mixture-outside-mdnrnn", "carry-state-outside-mdnrnn", "time-input-outside-mdnrnn"])
 def test_bad_file_is_refused_by_name(tmp_path, data, named):
     with pytest.raises(UserError) as info:
         config_lib.load(_write(tmp_path, data))

@@ -24,7 +24,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from agents.controller import ControllerSpec, save_controller
-from agents.evaluate import _earlier_baseline, dream_score, evaluate_params, play
+from agents.evaluate import _earlier_baseline, dream_score, evaluate_params, play, play_many
 from worldmodel import config as config_lib
 from worldmodel.episodes import episode_path, save_episode
 from worldmodel.io import write_json
@@ -307,25 +307,22 @@ def test_dream_baselines_script_scores_the_pacer_as_evaluate_does(tiny, tmp_path
     assert len(set(lines.values())) > 1
 
 
-def test_real_cmaes_script_plays_each_row_with_its_own_controller(tiny, evaluated):
-    """scripts/takecover_real_cmaes.py steps many controllers in lockstep: each row's episode is
-    the one `evaluate` plays for that controller and seed, whatever its batch-mates do."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("real_cmaes", ROOT / "scripts" / "takecover_real_cmaes.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_play_many_plays_each_seed_with_its_own_controller(tiny, evaluated):
+    """One controller per seed (scripts/takecover_real_cmaes.py plays a CMA-ES population so):
+    each episode is the one `evaluate` plays for that controller and seed, whatever its
+    batch-mates do, and results come in the order asked, repeated seeds included."""
     _, report = evaluated
     by_seed = {e["seed"]: e["return"] for e in report["agent"]["episodes_detail"]}
     run, params = tiny["run"], tiny["params"]
     still = np.zeros_like(params)  # always "stay": dies at other steps than the agent
-    base = {"run": str(run.dir), "config": config_lib.to_dict(run.cfg)}
-    mixed = script.play_rows({**base, "params": np.stack([params, still, params]),
-                              "seeds": [SEED, SEED, SEED + 1]})
-    alone = script.play_rows({**base, "params": still[None], "seeds": [SEED]})
-    assert mixed[0] == by_seed[SEED] and mixed[2] == by_seed[SEED + 1]
-    assert mixed[1] == alone[0]
-    assert mixed[1] != mixed[0]  # the rows did play different controllers
+    mixed = play_many(run, "agent", [SEED, SEED, SEED + 1], np.stack([params, still, params]), workers=2)
+    alone = play_many(run, "agent", [SEED], still, workers=1)
+    assert [r["seed"] for r in mixed] == [SEED, SEED, SEED + 1]
+    assert mixed[0]["return"] == by_seed[SEED] and mixed[2]["return"] == by_seed[SEED + 1]
+    assert mixed[1]["return"] == alone[0]["return"]
+    assert mixed[1]["return"] != mixed[0]["return"]  # the rows did play different controllers
+    with pytest.raises(ValueError, match="2 controllers for 3 seeds"):
+        play_many(run, "agent", [SEED, SEED, SEED + 1], np.stack([params, still]), workers=1)
 
 
 def test_real_cmaes_script_logs_real_and_dream_fitness_and_resumes(tiny, tmp_path):
@@ -349,6 +346,35 @@ def test_real_cmaes_script_logs_real_and_dream_fitness_and_resumes(tiny, tmp_pat
     assert len((out / "real_cmaes.jsonl").read_text().splitlines()) == 2  # done: nothing replayed
     bad = subprocess.run([*command[:-2], "--workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.startswith("error: --workers 0") and "Traceback" not in bad.stderr
+
+
+def test_hazard_counts_deaths_per_step_lived_in_each_bin():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hazard", ROOT / "scripts" / "takecover_hazard.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # died at step 5, died at 15, cut off at the limit 20: bins [0, 10) and [10, 20)
+    rows = script.hazard(np.array([5, 15, 20]), np.array([True, True, False]), (0, 10, 20, 30))
+    assert rows[0] == (1000.0 / (5 + 10 + 10), 1, 3)
+    assert rows[1] == (1000.0 / (5 + 10), 1, 2)
+    assert np.isnan(rows[2][0]) and rows[2][1:] == (0, 0)
+
+
+def test_hazard_script_reads_eval_json_and_dreams(tiny, evaluated):
+    command = [sys.executable, "scripts/takecover_hazard.py", "--run", str(tiny["run"].dir), "--dreams", "4",
+               "--teacher-forced", "2", "--bins", "0", "2", "5"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    names = [line[:22].strip() for line in result.stdout.splitlines()[1:]]
+    assert names == ["real agent", "real random policy", "real pacer", "dream agent", "dream pacer",
+                     "data: 2 longest", "M's P(done) on them"]
+    _, report = evaluated
+    steps = np.array([e["steps"] for e in report["agent"]["episodes_detail"]])
+    alive = [line for line in result.stdout.splitlines() if line.startswith("real agent")][0]
+    assert f"/{(steps > 2).sum():3d})" in alive  # episodes alive at step 2
+    bad = subprocess.run([*command[:-3], "5", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.startswith("error: --dreams 4 --bins 5 2") and "Traceback" not in bad.stderr
 
 
 def test_traces_script_refuses_a_carracing_run(make_run):

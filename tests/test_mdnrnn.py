@@ -147,11 +147,12 @@ def test_features_shapes():
         m.features(state, z, "hz")
 
 
-@pytest.mark.parametrize("mixture", ["per_dim", "joint"])
-def test_stepping_matches_sequence_forward(mixture):
-    m, batch = _model(mixture=mixture), _batch(t=5)
-    p, (h_seq, c_seq) = m(batch["z"], batch["action"])
+@pytest.mark.parametrize("mixture,clock", [("per_dim", 0), ("joint", 0), ("per_dim", 50)])
+def test_stepping_matches_sequence_forward(mixture, clock):
+    m, batch = _model(mixture=mixture, clock=clock), _batch(t=5)
+    p, (h_seq, c_seq, *t_seq) = m(batch["z"], batch["action"])
     state = m.initial_state(4)
+    assert len(state) == (3 if clock else 2)
     for t in range(5):
         state, z0, reward, done = m.imagine_step(state, batch["z"][:, t], batch["action"][:, t], 0.0)
         assert state[0].shape == (4, H) and z0.shape == (4, Z) and reward.shape == done.shape == (4,)
@@ -160,6 +161,10 @@ def test_stepping_matches_sequence_forward(mixture):
         most_likely = p["mu"][:, t].gather(-1, p["logits"][:, t].argmax(-1, keepdim=True)).squeeze(-1)
         torch.testing.assert_close(z0, most_likely)
     torch.testing.assert_close(state[0], h_seq)
+    if clock:  # the state counts the steps; the sequence's steps default to 0, 1, ...
+        assert torch.equal(state[2], torch.full((4, 1), 5.0)) and torch.equal(t_seq[0], state[2])
+        p_step, _ = m(batch["z"], batch["action"], step=torch.arange(5).expand(4, 5))
+        torch.testing.assert_close(p_step["done_logit"], p["done_logit"])
     torch.testing.assert_close(m.observe(m.initial_state(4), batch["z"][:, 0], batch["action"][:, 0])[1],
                                m(batch["z"][:, :1], batch["action"][:, :1])[1][1])
 
@@ -174,13 +179,14 @@ def _reference_step(m: MDNRNN, state, z, action, temperature, noise):
     return state, z_next, p["reward"][:, 0], torch.sigmoid(p["done_logit"][:, 0] - torch.log(m.done_pos_weight))
 
 
-@pytest.mark.parametrize("mixture", ["per_dim", "joint"])
+@pytest.mark.parametrize("mixture,clock", [("per_dim", 0), ("joint", 0), ("per_dim", 50)])
 @pytest.mark.parametrize("tau", [1.15, 1.0])
-def test_imagine_step_with_noise_matches_lstm_and_gumbel_max(tau, mixture):
+def test_imagine_step_with_noise_matches_lstm_and_gumbel_max(tau, mixture, clock):
     """Three chained steps (the later ones reuse the row buffer) against an independent computation."""
-    m, g = _model(mixture=mixture), torch.Generator().manual_seed(5)
+    m, g = _model(mixture=mixture, clock=clock), torch.Generator().manual_seed(5)
     z, a = torch.randn(6, Z, generator=g), torch.rand(6, 3, A, generator=g) * 2 - 1
-    state = ref_state = (torch.randn(6, H, generator=g), torch.randn(6, H, generator=g))
+    state = ref_state = (torch.randn(6, H, generator=g), torch.randn(6, H, generator=g),
+                         *([torch.randint(0, 50, (6, 1), generator=g).float()] if clock else []))
     ref_z = z
     for t in range(3):
         noise = m.sample_noise(6, g)
@@ -398,3 +404,25 @@ def test_training_dropout_is_random_in_train_mode_and_off_in_eval():
     torch.testing.assert_close(m.loss(batch)["loss"], plain.loss(batch)["loss"])
     with pytest.raises(ValueError):
         MDNRNN(Z, A, H, K, dropout=1.0)
+
+
+
+@pytest.mark.parametrize("clock", [0, 50])
+def test_windows_with_a_carried_state_make_one_sequence(clock):
+    """loss_and_state over consecutive windows, each starting where the last one ended, gives the
+    same predictions as one pass over the whole sequence (``model.carry_state``)."""
+    m, batch = _model(clock=clock), _batch(t=7)
+    full = {k: v[:2] for k, v in batch.items()}  # the two rows that run past step 3
+    whole, _ = m.loss_and_state(full)
+    first, state = m.loss_and_state({k: v[:, :4] for k, v in full.items()})
+    second, _ = m.loss_and_state({k: v[:, 4:] for k, v in full.items()}, state)
+    p_whole, _ = m(full["z"], full["action"])
+    p_first, state = m(full["z"][:, :4], full["action"][:, :4])
+    p_second, _ = m(full["z"][:, 4:], full["action"][:, 4:], state)
+    torch.testing.assert_close(torch.cat([p_first["done_logit"], p_second["done_logit"]], 1), p_whole["done_logit"])
+    torch.testing.assert_close(torch.cat([p_first["mu"], p_second["mu"]], 1), p_whole["mu"])
+    steps = int(full["mask"].sum())
+    n_first, n_second = int(full["mask"][:, :4].sum()), int(full["mask"][:, 4:].sum())
+    torch.testing.assert_close((first["done"] * n_first + second["done"] * n_second) / steps, whole["done"])
+    fresh, _ = m(full["z"][:, 4:], full["action"][:, 4:])  # not what a zero state predicts
+    assert not torch.allclose(fresh["done_logit"], p_second["done_logit"])

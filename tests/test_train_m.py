@@ -12,11 +12,19 @@ import torch
 
 from worldmodel.errors import UserError
 from worldmodel.io import read_jsonl, save_checkpoint
-from worldmodel.latents import Latents, load_latents, make_batch, split_episodes, windows, with_done_horizon
+from worldmodel.latents import (
+    Latents,
+    lanes,
+    load_latents,
+    make_batch,
+    split_episodes,
+    windows,
+    with_done_horizon,
+)
 from worldmodel.m import build_m
 from worldmodel.runs import open_run
 from worldmodel.torch_utils import cpu_has_native_bf16
-from worldmodel.train_m import NEEDS_V, done_quality, load_m, save_m, train_m
+from worldmodel.train_m import NEEDS_V, _pass, done_quality, load_m, save_m, train_m
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 Z, A = 8, 3
@@ -178,6 +186,67 @@ def test_windows_cover_every_step_once_and_batches_pad(tmp_path):
     train, val = split_episodes(len(LENGTHS), 0.25, seed=0)
     assert len(val) == 2 and set(train) | set(val) == set(range(len(LENGTHS)))
     assert np.array_equal(val, split_episodes(len(LENGTHS), 0.25, seed=0)[1])
+
+
+def test_batches_give_each_steps_index_in_its_episode(tmp_path):
+    _write_latents(tmp_path)
+    data = load_latents(tmp_path, Z)
+    starts, lengths = windows(data, 16, np.random.default_rng(3))
+    batch = make_batch(data, data.mu, starts, lengths, 16)
+    episode = np.searchsorted(data.starts, starts, side="right") - 1
+    for row in range(len(starts)):
+        first = starts[row] - data.starts[episode[row]]
+        assert batch["step"][row].tolist() == list(range(first, first + 16))
+
+
+def test_lanes_play_every_episode_whole_and_in_order(tmp_path):
+    _write_latents(tmp_path)
+    data = load_latents(tmp_path, Z)
+    starts, lengths, first = lanes(data, 16, 3, np.random.default_rng(0))
+    assert starts.shape == lengths.shape == first.shape and starts.shape[1] == 3
+    covered = np.concatenate([np.arange(s, s + n) for s, n in zip(starts.ravel(), lengths.ravel(), strict=True)])
+    assert np.array_equal(np.sort(covered), np.arange(len(data.mu)))
+    for lane in range(3):
+        for s in range(1, len(starts)):
+            if lengths[s, lane] and not first[s, lane]:  # the next window of the same episode
+                assert starts[s, lane] == starts[s - 1, lane] + 16 and lengths[s - 1, lane] == 16
+            if lengths[s, lane] and first[s, lane]:
+                assert starts[s, lane] in data.starts
+    assert first[0].all()
+    assert len(starts) <= -(-sum(-(-n // 16) for n in LENGTHS) // 3) + 2  # lanes about equally long
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_a_carried_state_lets_m_learn_how_long_the_game_has_run(carry):
+    """Every game ends at step 40 and nothing on screen tells (z is noise).  From windows of 8
+    steps, each from a zero state, M cannot know how far into the game it is; with the state
+    carried from window to window (``model.carry_state``) it learns that the end is near."""
+    from worldmodel import config as config_lib
+    from worldmodel.mdnrnn import MDNRNN
+
+    n, length = 16, 40
+    terminated = np.zeros(n * length, dtype=bool)
+    terminated[length - 1::length] = True
+    data = Latents(np.zeros((n * length, Z), np.float32), np.zeros((n * length, Z), np.float32),
+                   np.zeros((n * length, A), np.float32), np.zeros(n * length, np.float32), terminated,
+                   np.arange(n) * length, np.full(n, length), [])
+    cfg = config_lib.apply_overrides(config_lib.Config(), [
+        "model.seq_len=8", "model.batch_size=16", f"model.carry_state={str(carry).lower()}"])
+    torch.manual_seed(0)
+    m = MDNRNN(Z, A, 16, 3, predict_reward=False, done_pos_weight=4.0)
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    for epoch in range(80):
+        rng = np.random.default_rng(epoch)
+        _pass(m, data, rng.standard_normal(data.mu.shape).astype(np.float32), cfg, torch.device("cpu"), rng, opt, "t")
+    state, p_done, g = m.initial_state(1), [], torch.Generator().manual_seed(0)
+    for _ in range(length):
+        state, _, _, p = m.imagine_step(state, torch.randn(1, Z, generator=g), torch.zeros(1, A), 0.0)
+        p_done.append(p.item())
+    end, middle = np.mean(p_done[-3:]), np.mean(p_done[5:30])
+    if carry:
+        assert end > 3 * middle
+    else:
+        assert end < 1.5 * middle
 
 
 class _AlwaysDies(torch.nn.Module):

@@ -79,6 +79,10 @@ class ModelConfig:
                           "component picked for the whole z, so that an event moving many dimensions "
                           "at once (a fireball appearing) is sampled whole")
     seq_len: int = _f(64, low=2, doc="training subsequence length")
+    carry_state: bool = _f(False, doc="mdnrnn: train on each episode's windows in order, carrying the LSTM "
+                                      "state from one to the next (truncated backprop through time), "
+                                      "as the dream runs M for up to env.max_steps steps; false: every "
+                                      "window starts from a zero state")
     batch_size: int = _f(32, low=1)
     lr: float = _f(1e-3, low=0.0)
     epochs: int = _f(10, low=1)
@@ -89,6 +93,9 @@ class ModelConfig:
     done_horizon: int = _f(1, low=1, doc="the done head learns 'death within the next N steps' (1 = the next "
                                          "step, as the paper); a dream then ends up to N - 1 steps early")
     predict_reward: bool = _f(True, doc="train a reward head (off for TakeCover: +1 alive)")
+    time_input: bool = _f(False, doc="mdnrnn: the LSTM also reads the episode's step t / env.max_steps, so "
+                                     "M can learn a game that changes with time (TakeCover sends more "
+                                     "imps as it goes on) although it trains on short windows")
     dropout: float = _f(0.0, low=0.0, high=0.9, doc="mdnrnn: training dropout on the LSTM's z input "
                                                      "(a mask per sequence) and its recurrent h (a mask "
                                                      "per batch), as M for cmaes.dream_dropout is trained")
@@ -310,6 +317,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.mixture != "per_dim" and cfg.model.m != "mdnrnn":
         raise UserError(f"config model.mixture: {cfg.model.mixture} is for model.m: mdnrnn, not {cfg.model.m} "
                         "(set it to per_dim)")
+    for key in ("time_input", "carry_state"):
+        if getattr(cfg.model, key) and cfg.model.m != "mdnrnn":
+            raise UserError(f"config model.{key}: true is for model.m: mdnrnn, not {cfg.model.m} (set it to false)")
     if cfg.cmaes.disagreement > 0 and (cfg.model.ensemble < 2 or not cfg.model.predict_reward):
         raise UserError(f"config cmaes.disagreement: {cfg.cmaes.disagreement} needs model.ensemble >= 2 "
                         f"(is {cfg.model.ensemble}) and model.predict_reward: true (is {cfg.model.predict_reward})")

@@ -185,15 +185,46 @@ def windows(data: Latents, seq_len: int, rng: np.random.Generator | None) -> tup
     return np.concatenate(starts).astype(np.int64), np.concatenate(lengths).astype(np.int64)
 
 
+def lanes(data: Latents, seq_len: int, n_lanes: int,
+          rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows for training with a carried state (``model.carry_state``): S batches of ``n_lanes``.
+
+    Each lane plays whole episodes one after another, in windows of ``seq_len`` steps from
+    the episode's start, so that batch s + 1 row i continues batch s row i (the same episode,
+    the next window) unless ``first[s + 1, i]``: a new episode, from a zero state.  Episodes
+    (shuffled by ``rng``) go to the lane with the fewest windows so far.  Returns (S, n_lanes)
+    flat ``starts``, ``lengths`` (0 once a lane has run out) and ``first``.
+    """
+    order = rng.permutation(data.n_episodes) if rng is not None else np.arange(data.n_episodes)
+    queues: list[list[tuple[int, int, bool]]] = [[] for _ in range(n_lanes)]
+    load = np.zeros(n_lanes, dtype=np.int64)
+    for e in order:
+        lane = int(np.argmin(load))
+        start, length = int(data.starts[e]), int(data.lengths[e])
+        for lo in range(0, length, seq_len):
+            queues[lane].append((start + lo, min(seq_len, length - lo), lo == 0))
+        load[lane] = len(queues[lane])
+    n_steps = int(load.max()) if n_lanes else 0
+    starts = np.zeros((n_steps, n_lanes), dtype=np.int64)
+    lengths = np.zeros((n_steps, n_lanes), dtype=np.int64)
+    first = np.ones((n_steps, n_lanes), dtype=bool)
+    for lane, queue in enumerate(queues):
+        if queue:
+            starts[: len(queue), lane], lengths[: len(queue), lane], first[: len(queue), lane] = zip(*queue)
+    return starts, lengths, first
+
+
 def make_batch(data: Latents, z: np.ndarray, starts: np.ndarray, lengths: np.ndarray, seq_len: int,
                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Gather windows into a padded batch for :meth:`WorldModel.loss`.
 
     z: (N, Z) sampled latents of ``data``; starts, lengths: (B,).  Returns ``z`` (B, T, Z),
-    ``action`` (B, T, A), ``reward`` (B, T), ``terminated`` (B, T) and ``mask`` (B, T),
-    T = ``seq_len``; padded steps are zero / False.
+    ``action`` (B, T, A), ``reward`` (B, T), ``terminated`` (B, T), ``mask`` (B, T) and
+    ``step`` (B, T) int64, each step's index within its episode (0 at the first frame),
+    T = ``seq_len``; padded steps are zero / False (``step`` runs on).
     """
     steps = np.arange(seq_len)
+    episode_start = data.starts[np.searchsorted(data.starts, starts, side="right") - 1]
     mask = steps[None, :] < lengths[:, None]
     rows = np.where(mask, starts[:, None] + steps[None, :], starts[:, None])
 
@@ -208,4 +239,5 @@ def make_batch(data: Latents, z: np.ndarray, starts: np.ndarray, lengths: np.nda
         "reward": take(data.reward),
         "terminated": take(data.terminated),
         "mask": torch.from_numpy(mask).to(device),
+        "step": torch.from_numpy((starts - episode_start)[:, None] + steps[None, :]).to(device),
     }

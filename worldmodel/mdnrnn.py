@@ -18,6 +18,11 @@ Training runs ``nn.LSTM`` over whole subsequences.  Stepping (``observe``,
 ``imagine_step``) runs the same LSTM cell as two GEMMs on fused copies of its weights,
 since the dream's speed hangs on it (docs/benchmarks.md, "Dream").
 
+Time (``model.time_input``): the LSTM also reads t / ``env.max_steps``, the step's index in
+its episode, and the state carries t as a third tensor (B, 1).  Training windows are
+short (``model.seq_len``) and start from a zero state, so without it M cannot tell the
+first minute of a game from the last; TakeCover sends more imps as it goes on.
+
 Dropout (Wellmer & Kwok 2021, "Dropout's Dream Land"): with ``model.dropout`` = p,
 training drops z inputs (a mask per sequence) and units of the recurrent h (a mask
 per batch, on the columns of the recurrent weights, so the fused ``nn.LSTM`` still
@@ -155,13 +160,16 @@ class _StepCache:
 class MDNRNN(WorldModel):
     """LSTM over [z_t, a_t] with mixture-density, reward and done heads.
 
-    State: ``(h, c)``, each (B, H), batch first.  Noise: (Gumbel (B, K, Z), ε (B, Z)); a joint
+    State: ``(h, c)``, each (B, H), batch first; with a clock, ``(h, c, t)``, t (B, 1) the step
+    count.  Noise: (Gumbel (B, K, Z), ε (B, Z)); a joint
     mixture's Gumbel is (B, K, 1).
     """
 
     def __init__(self, z_dim: int, action_dim: int, hidden: int, mixtures: int, *,
                  predict_reward: bool = True, reward_weight: float = 1.0, done_weight: float = 1.0,
-                 done_pos_weight: float = 1.0, dropout: float = 0.0, mixture: str = "per_dim") -> None:
+                 done_pos_weight: float = 1.0, dropout: float = 0.0, mixture: str = "per_dim",
+                 clock: int = 0) -> None:
+        """``clock`` > 0: the LSTM also reads t / ``clock`` (``model.time_input``, clock = env.max_steps)."""
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -169,12 +177,15 @@ class MDNRNN(WorldModel):
             raise ValueError(f"mixture must be 'per_dim' or 'joint', got {mixture!r}")
         self.joint = mixture == "joint"
         self.dropout = float(dropout)
+        if clock < 0:
+            raise ValueError(f"clock must be >= 0, got {clock}")
+        self.clock = int(clock)
         self.z_dim, self.action_dim = z_dim, action_dim
         self.hidden, self.mixtures = hidden, mixtures
         self.predict_reward = predict_reward
         self.reward_weight, self.done_weight = reward_weight, done_weight
         self.register_buffer("done_pos_weight", torch.tensor(float(done_pos_weight)), persistent=False)
-        self.lstm = nn.LSTM(z_dim + action_dim, hidden, batch_first=True)
+        self.lstm = nn.LSTM(z_dim + action_dim + (1 if clock else 0), hidden, batch_first=True)
         # Per z dimension: K logits, K means, K log σ (joint: K logits in all, then the
         # means and log σ); then reward and done logit.
         self.n_logits = mixtures if self.joint else z_dim * mixtures
@@ -188,7 +199,8 @@ class MDNRNN(WorldModel):
         m = cfg.model
         return cls(z_dim, action_dim, m.hidden, m.mixtures, predict_reward=m.predict_reward,
                    reward_weight=m.reward_weight, done_weight=m.done_weight,
-                   done_pos_weight=m.done_pos_weight, dropout=m.dropout, mixture=m.mixture)
+                   done_pos_weight=m.done_pos_weight, dropout=m.dropout, mixture=m.mixture,
+                   clock=cfg.env.max_steps if m.time_input else 0)
 
     # ------------------------------------------------------------- heads
 
@@ -216,33 +228,49 @@ class MDNRNN(WorldModel):
             "done_logit": out[..., -1],
         }
 
-    def forward(self, z: torch.Tensor, action: torch.Tensor,
-                state: State | None = None) -> tuple[dict[str, torch.Tensor], State]:
-        """Run over sequences.  z: (B, T, Z), action: (B, T, A), state: (h, c) each (B, H) or None.
+    def forward(self, z: torch.Tensor, action: torch.Tensor, state: State | None = None,
+                step: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], State]:
+        """Run over sequences.  z: (B, T, Z), action: (B, T, A), state: :meth:`initial_state`'s
+        form or None (zeros).  step: (B, T) each step's index in its episode, read with a
+        clock (None: counting on from the state's t).
 
         Returns the heads at every step (``logits`` etc. (B, T, Z, K); ``reward``,
         ``done_logit`` (B, T)) predicting step t+1 from step t, and the final state.
         """
         if state is None:
             state = self.initial_state(z.shape[0])
-        h0, c0 = (s.unsqueeze(0).contiguous() for s in state)
+        h0, c0 = (s.unsqueeze(0).contiguous() for s in state[:2])
+        inputs = [z, action]
+        if self.clock:
+            if step is None:
+                step = state[2] + torch.arange(z.shape[1], device=z.device, dtype=state[2].dtype)
+            inputs.append((step.to(z.dtype) / self.clock).unsqueeze(-1))
+        x = torch.cat(inputs, dim=-1)
         if self.training and self.dropout > 0:
             keep = 1.0 - self.dropout
-            z = z * (torch.rand_like(z[:, :1]) < keep).to(z.dtype) / keep
             w_hh = self.lstm.weight_hh_l0
             units = (torch.rand_like(w_hh[:1]) < keep).to(w_hh.dtype) / keep  # (1, H): columns of W_hh
-            out, (h, c) = torch.func.functional_call(
-                self.lstm, {"weight_hh_l0": w_hh * units}, (torch.cat([z, action], dim=-1), (h0, c0)))
+            x = torch.cat([x[..., : self.z_dim] * (torch.rand_like(z[:, :1]) < keep).to(z.dtype) / keep,
+                           x[..., self.z_dim:]], dim=-1)
+            w_hh = self.lstm.weight_hh_l0
+            units = (torch.rand_like(w_hh[:1]) < keep).to(w_hh.dtype) / keep  # (1, H): columns of W_hh
+            out, (h, c) = torch.func.functional_call(self.lstm, {"weight_hh_l0": w_hh * units}, (x, (h0, c0)))
         else:
-            out, (h, c) = self.lstm(torch.cat([z, action], dim=-1), (h0, c0))
-        return self.heads(out), (h[0], c[0])
+            out, (h, c) = self.lstm(x, (h0, c0))
+        return self.heads(out), self._next((h[0], c[0]), state, z.shape[1])
 
     # ------------------------------------------------------------- the M interface
 
     def initial_state(self, batch_size: int) -> State:
         p = self.head.weight
         zeros = torch.zeros(batch_size, self.hidden, device=p.device, dtype=p.dtype)
+        if self.clock:
+            return (zeros, zeros.clone(), zeros.new_zeros(batch_size, 1))
         return (zeros, zeros.clone())
+
+    def _next(self, hc: tuple[torch.Tensor, torch.Tensor], state: State, steps: int = 1) -> State:
+        """The state after ``steps`` steps from ``state``: (h, c), and t + steps with a clock."""
+        return (*hc, state[2] + steps) if self.clock else hc
 
     def feature_dim(self, mode: str) -> int:
         return self.z_dim + self.hidden * hidden_parts(mode)
@@ -252,7 +280,7 @@ class MDNRNN(WorldModel):
 
         "zh" of what :meth:`imagine_step` returned last is a view of its row buffer (no copy).
         """
-        h, c = state
+        h, c = state[0], state[1]
         if hidden_parts(mode) == 1 and self._is_last(state, z):
             return self._step_cache.last[:, : self.z_dim + self.hidden]
         return controller_features(z, h, c, mode)
@@ -281,7 +309,7 @@ class MDNRNN(WorldModel):
             with torch.no_grad():
                 return self.observe(state, z, action)
         _, h, c = self._cell(self._row(state, z, action), state[1], self._weights(1.0)[0])
-        return (h, c)
+        return self._next((h, c), state)
 
     def set_dream_precision(self, dtype: torch.dtype | None) -> None:
         """Multiply in ``dtype`` (bfloat16) in :meth:`imagine_step` and :meth:`step_reward`.
@@ -333,7 +361,7 @@ class MDNRNN(WorldModel):
         z_next = sample_mixture(mix, temperature, noise, out=nxt[:, :zd])
         self._step_cache.last = nxt
         reward = out[:, -2] if self.predict_reward else torch.zeros_like(out[:, -2])
-        return (h, c), z_next, reward, torch.sigmoid(out[:, -1])
+        return self._next((h, c), state), z_next, reward, torch.sigmoid(out[:, -1])
 
     def step_reward(self, state: State, z: torch.Tensor, action: torch.Tensor) -> tuple[State, torch.Tensor]:
         """The LSTM step and the reward column of the head alone: no mixture, no sample."""
@@ -343,16 +371,16 @@ class MDNRNN(WorldModel):
         w_gates, w_head = self._weights(1.0, self.dream_dtype)
         nxt, h, c = self._cell(self._row(state, z, action), state[1], w_gates)
         if not self.predict_reward:
-            return (h, c), h.new_zeros(h.shape[0])
+            return self._next((h, c), state), h.new_zeros(h.shape[0])
         hid = nxt[:, self.z_dim: self.z_dim + self.hidden + 1]  # [h', 1]
-        return (h, c), _mm(hid, w_head[:, -2:-1])[:, 0]
+        return self._next((h, c), state), _mm(hid, w_head[:, -2:-1])[:, 0]
 
     # ------------------------------------------------------------- the fused step
 
     def _weights(self, temperature: float, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's two weight matrices, rebuilt when a parameter changes (or moves).
 
-        W_gates (Z + H + 1 + A, 4H): rows follow the row buffer [z, h, 1, a], so the biases
+        W_gates (Z + H + 1 + A (+ 1), 4H): rows follow the row buffer [z, h, 1, a (, t / clock)], so the biases
         ride on the 1 column; gate columns i, f, o, g, so that one sigmoid covers three.
         W_head (H + 1, 3KZ + 2; joint K + 2KZ + 2): rows [h', 1]; mixture columns laid out
         (3, K, Z) (joint: K logits, then (2, K, Z)), so the component choice reduces over K
@@ -412,12 +440,14 @@ class MDNRNN(WorldModel):
                 and (not buf.is_inference() or torch.is_inference_mode_enabled()))
 
     def _row(self, state: State, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """The row buffer [z, h, 1, a] (B, Z + H + 1 + A); the last step's one when it holds z, h."""
+        """The row buffer [z, h, 1, a] (B, Z + H + 1 + A), with a clock [z, h, 1, a, t / clock];
+        the last step's one when it holds z, h."""
+        tail = torch.cat([action, state[2] / self.clock], dim=1) if self.clock else action
         if self._is_last(state, z):
-            self._step_cache.last[:, self.z_dim + self.hidden + 1:] = action
+            self._step_cache.last[:, self.z_dim + self.hidden + 1:] = tail
             return self._step_cache.last
         h = state[0]
-        return torch.cat([z, h, h.new_ones(z.shape[0], 1), action], dim=1)
+        return torch.cat([z, h, h.new_ones(z.shape[0], 1), tail], dim=1)
 
     def _cell(self, row: torch.Tensor, c: torch.Tensor,
               w_gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -434,6 +464,10 @@ class MDNRNN(WorldModel):
         return nxt, h, c
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.loss_and_state(batch)[0]
+
+    def loss_and_state(self, batch: dict[str, torch.Tensor],
+                       state: State | None = None) -> tuple[dict[str, torch.Tensor], State]:
         """Masked losses on real subsequences (see :meth:`WorldModel.loss` for the batch).
 
         z_nll: -log p(z_{t+1} | h_{t+1}), divided by the z dimensions and averaged over
@@ -441,8 +475,11 @@ class MDNRNN(WorldModel):
             window has no z_{t+1} to predict).
         reward: (r̂_{t+1} - r_{t+1})², over valid steps; 0 when not predicted.
         done: BCE(d̂_{t+1}, terminated_t) with ``done_pos_weight`` on deaths, over valid steps.
+
+        ``state``: where the windows begin (None: zeros), for training with a carried state
+        (``model.carry_state``); returns the terms and the state after the windows.
         """
-        p, _ = self(batch["z"], batch["action"])
+        p, final = self(batch["z"], batch["action"], state, step=batch.get("step"))
         mask = batch["mask"]
         z_mask = mask[:, :-1] & mask[:, 1:]
         z_logp = self.z_log_prob({k: v[:, :-1] for k, v in p.items()}, batch["z"][:, 1:])
@@ -456,5 +493,5 @@ class MDNRNN(WorldModel):
             reduction="none")
         done = masked_mean(done_bce, mask)
         loss = z_nll + self.reward_weight * reward + self.done_weight * done
-        return {"loss": loss, "z_nll": z_nll, "reward": reward, "done": done}
+        return {"loss": loss, "z_nll": z_nll, "reward": reward, "done": done}, final
 

@@ -2,7 +2,10 @@
 
 Each epoch draws z = μ + σ·ε afresh from V's posterior (as the paper does),
 cuts every training episode into windows of ``model.seq_len`` steps, shuffles
-them and takes Adam steps on ``M.loss`` with gradient clipping.  Held-out
+them and takes Adam steps on ``M.loss`` with gradient clipping.  With
+``model.carry_state`` the windows are not shuffled but dealt to lanes, each
+playing whole episodes in order with the state carried from window to window
+(``latents.lanes``; truncated backpropagation through time).  Held-out
 episodes give a validation loss split by term and the quality of the done
 head as the dream feels it.  Each epoch ends in an atomic checkpoint
 (``m_ckpt.pt``); rerunning the command resumes from it.
@@ -24,6 +27,7 @@ from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, load_checkpoint, load_state_dict_checked, save_checkpoint
 from worldmodel.latents import (
     Latents,
+    lanes,
     list_latents,
     load_latents,
     make_batch,
@@ -101,7 +105,7 @@ def vae_z_dim(run: Run) -> int:
 def _pass(m: WorldModel, data: Latents, z: np.ndarray, cfg: Config, device: torch.device,
           rng: np.random.Generator | None, opt: torch.optim.Optimizer | None, desc: str,
           precision: torch.dtype | None = None) -> dict[str, float]:
-    """Loss terms averaged over valid steps; trains when ``opt`` is given (shuffled windows).
+    """Loss terms averaged over valid steps; trains when ``opt`` is given.
 
     precision: bfloat16 runs ``m.loss`` under autocast, for an M that allows it
     (``autocast_training``); its heads return float32, so the losses stay float32.
@@ -109,16 +113,29 @@ def _pass(m: WorldModel, data: Latents, z: np.ndarray, cfg: Config, device: torc
     if not getattr(m, "autocast_training", False):
         precision = None
     seq_len, batch_size = cfg.model.seq_len, cfg.model.batch_size
-    starts, lengths = windows(data, seq_len, rng)
-    order = rng.permutation(len(starts)) if rng is not None else np.arange(len(starts))
+    if cfg.model.carry_state:  # lanes of whole episodes, the state carried from window to window
+        lane_starts, lane_lengths, first = lanes(data, seq_len, batch_size, rng)
+        state = m.initial_state(batch_size)
+        batches = [(lane_starts[s], lane_lengths[s]) for s in range(len(lane_starts))]
+    else:  # shuffled windows, each from a zero state
+        starts, lengths = windows(data, seq_len, rng)
+        order = rng.permutation(len(starts)) if rng is not None else np.arange(len(starts))
+        batches = [(starts[order[i:i + batch_size]], lengths[order[i:i + batch_size]])
+                   for i in range(0, len(order), batch_size)]
     sums: dict[str, float] = {}
     steps = 0
-    bar = tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=None)
+    bar = tqdm(range(len(batches)), desc=desc, leave=False, disable=None)
     for i in bar:
-        idx = order[i:i + batch_size]
-        batch = make_batch(data, z, starts[idx], lengths[idx], seq_len, device)
+        batch_starts, batch_lengths = batches[i]
+        batch = make_batch(data, z, batch_starts, batch_lengths, seq_len, device)
         with torch.set_grad_enabled(opt is not None), autocast(device, precision):
-            terms = m.loss(batch)
+            if cfg.model.carry_state:
+                new_episode = torch.from_numpy(first[i]).to(device)[:, None]
+                state = tuple(torch.where(new_episode, 0.0, s) for s in state)
+                terms, state = m.loss_and_state(batch, state)
+                state = tuple(s.detach().float() for s in state)
+            else:
+                terms = m.loss(batch)
         if opt is not None:
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -126,7 +143,7 @@ def _pass(m: WorldModel, data: Latents, z: np.ndarray, cfg: Config, device: torc
                 torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.model.grad_clip)
             opt.step()
             bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
-        n = int(lengths[idx].sum())
+        n = int(batch_lengths.sum())
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
         steps += n
