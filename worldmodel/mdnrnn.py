@@ -240,18 +240,16 @@ class MDNRNN(WorldModel):
         if state is None:
             state = self.initial_state(z.shape[0])
         h0, c0 = (s.unsqueeze(0).contiguous() for s in state[:2])
+        dropping, keep = self.training and self.dropout > 0, 1.0 - self.dropout
+        if dropping:
+            z = z * (torch.rand_like(z[:, :1]) < keep).to(z.dtype) / keep
         inputs = [z, action]
         if self.clock:
             if step is None:
                 step = state[2] + torch.arange(z.shape[1], device=z.device, dtype=state[2].dtype)
             inputs.append((step.to(z.dtype) / self.clock).unsqueeze(-1))
         x = torch.cat(inputs, dim=-1)
-        if self.training and self.dropout > 0:
-            keep = 1.0 - self.dropout
-            w_hh = self.lstm.weight_hh_l0
-            units = (torch.rand_like(w_hh[:1]) < keep).to(w_hh.dtype) / keep  # (1, H): columns of W_hh
-            x = torch.cat([x[..., : self.z_dim] * (torch.rand_like(z[:, :1]) < keep).to(z.dtype) / keep,
-                           x[..., self.z_dim:]], dim=-1)
+        if dropping:
             w_hh = self.lstm.weight_hh_l0
             units = (torch.rand_like(w_hh[:1]) < keep).to(w_hh.dtype) / keep  # (1, H): columns of W_hh
             out, (h, c) = torch.func.functional_call(self.lstm, {"weight_hh_l0": w_hh * units}, (x, (h0, c0)))
