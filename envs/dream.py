@@ -271,7 +271,9 @@ def load_world_model(run: Run, device: str | torch.device = "cpu") -> WorldModel
             raise UserError(f"{path}: no M; run `python run.py train-rnn` first")
         members.append(load_m(path, run.cfg, z_dim=run.cfg.vae.z_dim,
                               action_dim=action_dim(run.cfg.env.name), device=device))
-    m = members[0] if len(members) == 1 else Ensemble(members, run.cfg.cmaes.disagreement).to(device)
+    m = members[0]
+    if len(members) > 1:
+        m = Ensemble(members, run.cfg.cmaes.disagreement, run.cfg.cmaes.ensemble_done).to(device)
     m.set_dream_precision(resolve_precision(run.cfg.system.precision, device))
     return m
 

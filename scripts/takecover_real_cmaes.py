@@ -3,6 +3,8 @@
     python scripts/takecover_real_cmaes.py --run runs/tb --out runs/tb_real [--generations 30]
         [--population 16] [--episodes 2] [--sigma 0.05] [--start controller|zero]
         [--check-every 10] [--check-episodes 32] [--dream-rollouts 16] [--workers 2] [--seed 0]
+    python scripts/takecover_real_cmaes.py --run runs/tr --out runs/tr_corr --population 16 \
+        --sigma 0.1 --dream-rollouts 64 --rescore runs/te [runs/tm ...]
 
 The run's V and M stay fixed; only C (the same linear map on the same features) is evolved,
 and every candidate is scored by real episodes instead of dreams.  Each generation plays
@@ -15,7 +17,10 @@ If such a controller survives much longer than the dream-trained one, V and M's 
 allow dodging and the dream is what falls short; if it does not, the features do.  With
 ``--dream-rollouts K`` every candidate is also scored in K of the run's dreams (as ``dream``
 scores it), and each generation logs the rank correlation of dream and real fitness: how well
-the dream could steer a search at this point.  This is
+the dream could steer a search at this point.  ``--rescore RUN ...`` plays nothing: it draws
+generation 1's candidates again (the same ``--run``, ``--population``, ``--sigma`` and ``--seed``
+give the same ones) and scores them in each RUN's dream (another M, or an ensemble, on the same
+V), printing each dream's rank correlation with the real fitness logged in ``--out``.  This is
 a diagnostic, not a way to train the agent: issue 6 asks for a controller trained only in the
 dream.  It resumes from ``--out``/state.pkl; ``--out``/real_cmaes.jsonl logs every
 generation and ``--out``/controller.pt holds the centre with the best check.
@@ -60,6 +65,50 @@ def play(run, params: np.ndarray, seeds: list[int], workers: int) -> np.ndarray:
     return np.array([r["return"] for r in play_many(run, "agent", seeds, params, workers, "local")])
 
 
+def new_es(start: np.ndarray, args: argparse.Namespace):
+    import cma
+
+    opts = {"popsize": args.population, "seed": args.seed + 1, "verbose": -9, "verb_log": 0, "verb_disp": 0}
+    return cma.CMAEvolutionStrategy(start.astype(np.float64), args.sigma, opts)
+
+
+def rescore(args: argparse.Namespace, run, spec, start: np.ndarray, log_path: Path) -> None:
+    """Generation 1's candidates, drawn again, in each ``--rescore`` run's dream; rank correlation with the real."""
+    import torch
+
+    from agents.cmaes import dream_fitness
+    from envs.dream import DreamSettings, load_start_latents, load_world_model
+    from worldmodel.errors import UserError
+    from worldmodel.runs import open_run
+
+    if args.dream_rollouts < 1:
+        raise UserError("--rescore needs --dream-rollouts K (dreams per candidate), as the logged run had")
+    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    if not records or "real" not in records[0]:
+        raise UserError(f"{log_path}: no generation 1 with real fitness (run it with --dream-rollouts first)")
+    es = new_es(start, args)
+    solutions = es.ask()
+    candidates = np.vstack([np.asarray(solutions), es.mean[None, :]]).astype(np.float32)
+    real = np.array(records[0]["real"])
+    if len(real) != len(candidates):
+        raise UserError(f"{log_path}: generation 1 has {len(real)} controllers, --population "
+                        f"{args.population} gives {len(candidates)}")
+    print(f"real fitness of the {len(real)} controllers: mean {real.mean():.1f}, "
+          f"{real.min():.1f}-{real.max():.1f}", flush=True)
+    for path in args.rescore:
+        other = open_run(path, None, create=False)
+        m = load_world_model(other).eval()
+        if m.feature_dim(other.cfg.controller.features) != spec.feature_dim:
+            raise UserError(f"{path}: its M gives C {m.feature_dim(other.cfg.controller.features)} inputs, "
+                            f"{args.run}'s controller takes {spec.feature_dim}")
+        generator = torch.Generator().manual_seed(args.seed * 100_003 + 1)
+        dream, _, _ = dream_fitness(m, candidates, spec, DreamSettings.from_config(other.cfg),
+                                    load_start_latents(other), args.dream_rollouts, generator)
+        pearson = float(np.corrcoef(dream, real)[0, 1])
+        print(f"{path}: dream mean {dream.mean():.1f} ({dream.min():.1f}-{dream.max():.1f}), rank correlation "
+              f"{rank_correlation(dream, real):.3f}, Pearson {pearson:.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a TakeCover run folder with vae.pt, m.pt, controller.pt")
@@ -74,17 +123,18 @@ def main() -> None:
     parser.add_argument("--check-episodes", type=int, default=32)
     parser.add_argument("--dream-rollouts", type=int, default=0, metavar="K",
                         help="also score every candidate in K dreams and log the dream/real rank correlation")
+    parser.add_argument("--rescore", nargs="+", type=Path, default=[], metavar="RUN",
+                        help="score --out's generation 1 again in these runs' dreams; play nothing")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import cma
     import torch
     from tqdm import tqdm
 
     from agents.cmaes import dream_fitness
     from agents.controller import ControllerSpec, load_controller, save_controller
-    from envs.dream import DreamSettings, load_start_latents
+    from envs.dream import DreamSettings, load_start_latents, load_world_model
     from worldmodel.errors import UserError
     from worldmodel.io import atomic_path
     from worldmodel.runs import open_run
@@ -102,6 +152,7 @@ def main() -> None:
         if run.cfg.env.name != "takecover":
             raise UserError(f"{args.run}: a {run.cfg.env.name} run; this script is for TakeCover")
         m = load_m(run.dir / "m.pt", run.cfg, z_dim=run.cfg.vae.z_dim).eval()
+        dream_m = load_world_model(run).eval() if args.dream_rollouts else None  # the dream's: m.pt or an ensemble
         starts = load_start_latents(run) if args.dream_rollouts else None
         spec = ControllerSpec.for_config(run.cfg, m)
         if args.start == "controller":
@@ -111,14 +162,19 @@ def main() -> None:
     except UserError as exc:
         sys.exit(f"error: {exc}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
     state_path, log_path = args.out / "state.pkl", args.out / "real_cmaes.jsonl"
+    if args.rescore:
+        try:
+            rescore(args, run, spec, start, log_path)
+        except UserError as exc:
+            sys.exit(f"error: {exc}")
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
     if state_path.exists():  # this script's own file, written below
         state = pickle.loads(state_path.read_bytes())
         es = pickle.loads(state["es"])
     else:
-        opts = {"popsize": args.population, "seed": args.seed + 1, "verbose": -9, "verb_log": 0, "verb_disp": 0}
-        es = cma.CMAEvolutionStrategy(start.astype(np.float64), args.sigma, opts)
+        es = new_es(start, args)
         state = {"generation": 0, "best_check": None}
         log_path.write_text("")
     bar = tqdm(total=args.generations, initial=state["generation"], desc="real CMA-ES", unit="gen")
@@ -137,7 +193,7 @@ def main() -> None:
                   "pop_best": float(fitness[:-1].max()), "centre": float(fitness[-1]), "sigma": float(es.sigma)}
         if args.dream_rollouts:
             generator = torch.Generator().manual_seed(args.seed * 100_003 + generation)
-            dream, _, _ = dream_fitness(m, candidates, spec, DreamSettings.from_config(run.cfg), starts,
+            dream, _, _ = dream_fitness(dream_m, candidates, spec, DreamSettings.from_config(run.cfg), starts,
                                         args.dream_rollouts, generator)
             record.update(dream=dream.tolist(), real=fitness.tolist(),
                           rank_correlation=rank_correlation(dream, fitness))

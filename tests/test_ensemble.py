@@ -1,4 +1,5 @@
-"""The ensemble of M's: the first member dreams, the reward is the members' mean less λ × spread."""
+"""The ensemble of M's: the first member dreams, the reward is the members' mean less λ × spread,
+the end the first member's, the harshest member's or the members' mean (cmaes.ensemble_done)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def test_train_m_trains_every_member_and_the_dream_loads_them(tmp_path):
     weights = [torch.load(p, weights_only=True)["state_dict"] for p in paths]
     assert not torch.equal(weights[0]["head.weight"], weights[1]["head.weight"])  # different seeds
     m = load_world_model(run)
-    assert isinstance(m, Ensemble) and len(m.members) == 3 and m.disagreement == 1.0
+    assert isinstance(m, Ensemble) and len(m.members) == 3 and m.disagreement == 1.0 and m.done_rule == "first"
     precision = resolve_precision(run.cfg.system.precision, "cpu")
     assert all(member.dream_dtype == precision for member in m.members)
     run.cfg.system.precision = "bfloat16"
@@ -97,6 +98,15 @@ def test_disagreement_needs_an_ensemble_with_a_reward_head(tmp_path):
         _run(tmp_path, overrides=["cmaes.disagreement=1.0"])
 
 
+def test_ensemble_done_needs_an_ensemble_and_reaches_the_dream(tmp_path):
+    with pytest.raises(UserError, match="cmaes.ensemble_done: max needs model.ensemble >= 2"):
+        _run(tmp_path / "one", overrides=["cmaes.ensemble_done=max"])
+    run = _run(tmp_path / "two", overrides=["model.ensemble=2", "model.epochs=1", "cmaes.ensemble_done=max",
+                                           "env.name=carracing"])  # _run's data has three actions
+    train_m(run)
+    assert load_world_model(run).done_rule == "max"
+
+
 def test_export_copies_every_member(tmp_path):
     from worldmodel.export import export_run
 
@@ -109,29 +119,55 @@ def test_export_copies_every_member(tmp_path):
     assert (out / "m.pt").exists() and member["head.weight"].dtype == torch.float16
 
 
-def test_members_step_reward_by_default_through_imagine_step():
-    m = ScaledM(2.0)
+def test_members_judge_by_default_through_imagine_step():
+    m = ScaledM(2.0, short=1)
     state, z, a = m.initial_state(3), torch.zeros(3, 3), torch.tensor([[1.0], [0.5], [-1.0]])
-    expected_state, _, expected_reward, _ = m.imagine_step(state, z, a, 0.0)
-    new_state, reward = m.step_reward(state, z, a)
+    expected_state, _, expected_reward, expected_done = m.imagine_step(state, z, a, 0.0)
+    new_state, reward, done = m.judge_step(state, z, a)
     torch.testing.assert_close(reward, expected_reward)
+    assert done.tolist() == expected_done.tolist() == [0.0, 0.0, 1.0]
     assert all(torch.equal(x, y) for x, y in zip(new_state, expected_state))
 
 
-def test_mdnrnn_members_rewards_follow_the_first_members_z():
+@pytest.mark.parametrize("rule, threshold, lengths", [
+    ("first", 0.5, [7, 3, 7]),   # the first member alone, as without the option
+    ("max", 0.5, [2, 2, 2]),     # the harsher member ends every dream at step 2
+    ("mean", 0.4, [2, 2, 2]),    # one of two members: a mean of 0.5
+    ("mean", 0.6, [7, 3, 7]),    # both members must expect the end
+])
+def test_ensemble_done_rule_decides_who_ends_the_dream(rule, threshold, lengths):
+    members = [ScaledM(1.0, short=3, long=7), ScaledM(3.0, short=2, long=2)]
+    ensemble = Ensemble(members, done=rule)
+    spec = ControllerSpec.for_env("takecover", ensemble.feature_dim("zh"))
+    res = dream_rollouts(ensemble, bias_params(spec, [1.0, -1.0, 1.0]), spec, torch.zeros(3, 3),
+                         DreamSettings(max_steps=20, reward="alive", done_threshold=threshold))
+    assert res.lengths.tolist() == lengths
+    assert res.terminated.all()
+
+
+def test_unknown_done_rule_is_refused():
+    with pytest.raises(ValueError, match="done rule"):
+        Ensemble([ScaledM(1.0)], done="min")
+
+
+def test_mdnrnn_members_judge_the_first_members_z():
     members = [tiny_mdnrnn(seed=0), tiny_mdnrnn(seed=1), tiny_mdnrnn(seed=2)]
     ensemble = Ensemble(members, disagreement=0.7)
     state, z = ensemble.initial_state(4), torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
     for step in range(3):
         a = torch.rand(4, 1, generator=torch.Generator().manual_seed(step)) * 2 - 1
-        parts = ensemble._split(state)
+        before, parts = state, ensemble._split(state)
         own = [m.imagine_step(part, z, a, 0.0) for m, part in zip(members, parts)]
         noise = members[0].sample_noise(4, torch.Generator().manual_seed(10 + step))
         first = members[0].imagine_step(parts[0], z, a, 1.0, noise=noise)
         state, z_next, reward, done = ensemble.imagine_step(state, z, a, 1.0, noise=noise)
         rewards = torch.stack([r for _, _, r, _ in own])
+        dones = torch.stack([d for _, _, _, d in own])
         torch.testing.assert_close(reward, rewards.mean(0) - 0.7 * rewards.std(0, unbiased=False))
         torch.testing.assert_close(z_next, first[1])
         torch.testing.assert_close(done, first[3])
+        for rule, expected in (("max", dones.amax(0)), ("mean", dones.mean(0))):
+            judged = Ensemble(members, done=rule).imagine_step(before, z, a, 1.0, noise=noise)[3]
+            torch.testing.assert_close(judged, expected)
         torch.testing.assert_close(state[2], own[1][0][0])  # member 1's h
         z = z_next.clone()

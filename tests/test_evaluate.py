@@ -344,6 +344,12 @@ def test_real_cmaes_script_logs_real_and_dream_fitness_and_resumes(tiny, tmp_pat
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert len((out / "real_cmaes.jsonl").read_text().splitlines()) == 2  # done: nothing replayed
+    # --rescore draws generation 1's candidates again: in the same run's dream, the same scores.
+    rescored = subprocess.run([*command, "--rescore", str(tiny["run"].dir)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    assert rescored.returncode == 0, rescored.stderr
+    assert f"dream mean {np.mean(log[0]['dream']):.1f} " in rescored.stdout
+    assert len((out / "real_cmaes.jsonl").read_text().splitlines()) == 2  # it logs and plays nothing
     bad = subprocess.run([*command[:-2], "--workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.startswith("error: --workers 0") and "Traceback" not in bad.stderr
 

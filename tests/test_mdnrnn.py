@@ -319,16 +319,17 @@ def test_training_drives_loss_down(mixture):
 
 
 @pytest.mark.parametrize("predict_reward", [True, False])
-def test_step_reward_matches_imagine_step(predict_reward):
+def test_judge_step_matches_imagine_step(predict_reward):
     torch.manual_seed(0)
     m = MDNRNN(4, 2, 8, 3, predict_reward=predict_reward).eval()
     state = (torch.randn(5, 8), torch.randn(5, 8))
     z, a = torch.randn(5, 4), torch.randn(5, 2)
-    (h, c), _, reward, _ = m.imagine_step(state, z, a, 1.3, torch.Generator().manual_seed(1))
-    (h2, c2), reward2 = m.step_reward(state, z, a)
+    (h, c), _, reward, done = m.imagine_step(state, z, a, 1.3, torch.Generator().manual_seed(1))
+    (h2, c2), reward2, done2 = m.judge_step(state, z, a)
     torch.testing.assert_close(h2, h)
     torch.testing.assert_close(c2, c)
     torch.testing.assert_close(reward2, reward)
+    torch.testing.assert_close(done2, done)
     assert predict_reward or not reward2.any()
 
 
@@ -339,7 +340,7 @@ def test_bfloat16_dream_step_stays_close_and_observe_stays_float32():
     z, a = torch.randn(64, 8), torch.rand(64, 2) * 2 - 1
     noise = m.sample_noise(64, torch.Generator().manual_seed(1))
     full = m.imagine_step(state, z, a, 1.15, noise=noise)
-    full_reward = m.step_reward(state, z, a)
+    full_judged = m.judge_step(state, z, a)
     observed = m.observe(state, z, a)
     m.set_dream_precision(torch.bfloat16)
     low = m.imagine_step(state, z, a, 1.15, noise=noise)
@@ -349,8 +350,9 @@ def test_bfloat16_dream_step_stays_close_and_observe_stays_float32():
         assert not torch.equal(x, y)  # it did multiply in bfloat16
     # The sampled component can flip where two are nearly tied; nearly all rows agree.
     assert (low[1] - full[1]).abs().amax(1).lt(0.1).float().mean() > 0.9
-    torch.testing.assert_close(m.step_reward(state, z, a)[1], low[2])
-    torch.testing.assert_close(m.step_reward(state, z, a)[1], full_reward[1], atol=0.03, rtol=0.03)
+    for k in (1, 2):  # reward and P(done), as the bfloat16 dream step gives them
+        torch.testing.assert_close(m.judge_step(state, z, a)[k], low[k + 1])
+        torch.testing.assert_close(m.judge_step(state, z, a)[k], full_judged[k], atol=0.03, rtol=0.03)
     for x, y in zip(m.observe(state, z, a), observed):  # the real game: exact float32
         torch.testing.assert_close(x, y, atol=0, rtol=0)
     m.set_dream_precision(None)

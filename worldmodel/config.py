@@ -132,6 +132,10 @@ class CMAESConfig:
     max_steps: int = _f(2100, low=1, doc="dream length cap")
     disagreement: float = _f(0.0, low=0.0, doc="lambda: dream reward = members' mean - lambda * their "
                                                 "std (model.ensemble > 1; worldmodel/ensemble.py)")
+    ensemble_done: str = _f("first", choices=("first", "max", "mean"),
+                            doc="whose P(done) ends a dream (model.ensemble > 1): the first member's, the "
+                                "highest of the members' (the dream ends where any of them expects a death), "
+                                "or their mean; worldmodel/ensemble.py")
     done: str = _f("threshold", choices=("threshold", "sample"),
                    doc="how M's calibrated P(done) ends a dream: P > done_threshold, or a Bernoulli sample")
     done_threshold: float = _f(0.1, low=0.0, high=1.0,
@@ -323,6 +327,9 @@ def validate(cfg: Config) -> None:
     if cfg.cmaes.disagreement > 0 and (cfg.model.ensemble < 2 or not cfg.model.predict_reward):
         raise UserError(f"config cmaes.disagreement: {cfg.cmaes.disagreement} needs model.ensemble >= 2 "
                         f"(is {cfg.model.ensemble}) and model.predict_reward: true (is {cfg.model.predict_reward})")
+    if cfg.cmaes.ensemble_done != "first" and cfg.model.ensemble < 2:
+        raise UserError(f"config cmaes.ensemble_done: {cfg.cmaes.ensemble_done} needs model.ensemble >= 2 "
+                        f"(is {cfg.model.ensemble})")
 
 
 # ----------------------------------------------------------------- files and overrides

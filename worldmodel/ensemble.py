@@ -1,4 +1,4 @@
-"""An ensemble of M's for the dream: the first member dreams, all of them judge the reward.
+"""An ensemble of M's for the dream: the first member dreams, all of them judge the reward (and the end).
 
 A controller evolved in one M's dream finds the places where that M is wrong in its
 favour: CarRacing's reward head, asked about actions and states the data never held,
@@ -11,11 +11,18 @@ dream pays
 the members' mean reward less ``cmaes.disagreement`` (λ) times their spread: an
 uncertainty penalty in the manner of model-based offline RL (MOPO, Yu et al. 2020).
 
+TakeCover has no reward to judge: the dream pays one point per step it lasts, and a
+controller evolved in it finds the places where M is sure, wrongly, that nobody dies
+(docs/results.md).  ``cmaes.ensemble_done`` lets the members judge the end as well:
+``max`` ends a dream where *any* member expects a death (the pessimistic reading, as
+MOReL (Kidambi et al. 2020) ends a rollout where the models disagree), ``mean`` on their
+mean P(done); ``first`` (the default) leaves it to the first member.
+
 Only the first member (``m.pt``) moves the dream: its z sample, its done probability
 and its features for the controller, exactly as without an ensemble (and it alone is
 thinned by ``cmaes.dream_dropout``); the others
 (``m1.pt``, ``m2.pt``, ...) follow the same z's and actions with their own states, and
-only their rewards are used.  In the real game the agent needs the first member alone.
+only their rewards and done probabilities are used.  In the real game the agent needs the first member alone.
 """
 
 from __future__ import annotations
@@ -28,10 +35,15 @@ from worldmodel.m import State, WorldModel
 class Ensemble(WorldModel):
     """K M's behind the :class:`WorldModel` interface of the dream (not trainable as one)."""
 
-    def __init__(self, members: list[WorldModel], disagreement: float = 0.0):
+    DONE_RULES = ("first", "max", "mean")
+
+    def __init__(self, members: list[WorldModel], disagreement: float = 0.0, done: str = "first"):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        if done not in self.DONE_RULES:
+            raise ValueError(f"done rule must be one of {self.DONE_RULES}, got {done!r}")
+        self.done_rule = done
         self.members = torch.nn.ModuleList(members)
         self.disagreement = float(disagreement)
         self.z_dim, self.action_dim = members[0].z_dim, members[0].action_dim
@@ -81,14 +93,19 @@ class Ensemble(WorldModel):
         thinned = {} if dropout is None else {"dropout": dropout}
         first_state, z_next, reward, done = self.members[0].imagine_step(parts[0], z, action, temperature,
                                                                         generator, noise, **thinned)
-        new_state, rewards = list(first_state), [reward]
+        new_state, rewards, dones = list(first_state), [reward], [done]
         for m, part in zip(self.members[1:], parts[1:]):
-            s, r = m.step_reward(part, z, action)  # the others draw no z of their own
+            s, r, d = m.judge_step(part, z, action)  # the others draw no z of their own
             new_state += list(s)
             rewards.append(r)
+            dones.append(d)
         if len(rewards) > 1:
             stacked = torch.stack(rewards)
             reward = stacked.mean(0) - self.disagreement * stacked.std(0, unbiased=False)
+            if self.done_rule == "max":
+                done = torch.stack(dones).amax(0)
+            elif self.done_rule == "mean":
+                done = torch.stack(dones).mean(0)
         return tuple(new_state), z_next, reward, done
 
     def loss(self, batch):

@@ -118,14 +118,16 @@ class WorldModel(nn.Module, abc.ABC):
     def set_dream_precision(self, dtype: torch.dtype | None) -> None:
         """Let the dream multiply in ``dtype`` (None: float32).  A module may ignore it."""
 
-    def step_reward(self, state: State, z: torch.Tensor, action: torch.Tensor) -> tuple[State, torch.Tensor]:
-        """(state_{t+1}, predicted r_{t+1} (B,)) from z_t (B, Z) and a_t (B, A), with no z_{t+1}.
+    def judge_step(self, state: State, z: torch.Tensor, action: torch.Tensor
+                   ) -> tuple[State, torch.Tensor, torch.Tensor]:
+        """(state_{t+1}, predicted r_{t+1} (B,), P(d_{t+1}) (B,)) from z_t (B, Z) and a_t (B, A), with no z_{t+1}.
 
-        What an ensemble's other members need (worldmodel/ensemble.py).  This default runs
-        :meth:`imagine_step` at τ = 0 and drops its z and done; a module may skip their work.
+        What an ensemble's other members need (worldmodel/ensemble.py): they follow the
+        first member's z's and judge its reward and its end.  This default runs
+        :meth:`imagine_step` at τ = 0 and drops its z; a module may skip that work.
         """
-        state, _, reward, _ = self.imagine_step(state, z, action, 0.0)
-        return state, reward
+        state, _, reward, done = self.imagine_step(state, z, action, 0.0)
+        return state, reward, done
 
     @abc.abstractmethod
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

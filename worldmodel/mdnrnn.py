@@ -310,7 +310,7 @@ class MDNRNN(WorldModel):
         return self._next((h, c), state)
 
     def set_dream_precision(self, dtype: torch.dtype | None) -> None:
-        """Multiply in ``dtype`` (bfloat16) in :meth:`imagine_step` and :meth:`step_reward`.
+        """Multiply in ``dtype`` (bfloat16) in :meth:`imagine_step` and :meth:`judge_step`.
 
         The two matrix products of a step are most of the dream's time, and bfloat16 makes
         them about 7× faster on a CPU with AMX (docs/benchmarks.md).  Their inputs are
@@ -361,17 +361,18 @@ class MDNRNN(WorldModel):
         reward = out[:, -2] if self.predict_reward else torch.zeros_like(out[:, -2])
         return self._next((h, c), state), z_next, reward, torch.sigmoid(out[:, -1])
 
-    def step_reward(self, state: State, z: torch.Tensor, action: torch.Tensor) -> tuple[State, torch.Tensor]:
-        """The LSTM step and the reward column of the head alone: no mixture, no sample."""
+    def judge_step(self, state: State, z: torch.Tensor, action: torch.Tensor
+                   ) -> tuple[State, torch.Tensor, torch.Tensor]:
+        """The LSTM step and the head's reward and done columns alone: no mixture, no sample."""
         if torch.is_grad_enabled():
             with torch.no_grad():
-                return self.step_reward(state, z, action)
+                return self.judge_step(state, z, action)
         w_gates, w_head = self._weights(1.0, self.dream_dtype)
         nxt, h, c = self._cell(self._row(state, z, action), state[1], w_gates)
-        if not self.predict_reward:
-            return self._next((h, c), state), h.new_zeros(h.shape[0])
         hid = nxt[:, self.z_dim: self.z_dim + self.hidden + 1]  # [h', 1]
-        return self._next((h, c), state), _mm(hid, w_head[:, -2:-1])[:, 0]
+        out = _mm(hid, w_head[:, -2:])  # (B, [r, done logit])
+        reward = out[:, 0] if self.predict_reward else torch.zeros_like(out[:, 0])
+        return self._next((h, c), state), reward, torch.sigmoid(out[:, 1])
 
     # ------------------------------------------------------------- the fused step
 
