@@ -72,10 +72,21 @@ def new_es(start: np.ndarray, args: argparse.Namespace):
     return cma.CMAEvolutionStrategy(start.astype(np.float64), args.sigma, opts)
 
 
-def rescore(args: argparse.Namespace, run, spec, start: np.ndarray, log_path: Path) -> None:
-    """Generation 1's candidates, drawn again, in each ``--rescore`` run's dream; rank correlation with the real."""
+def ask(es) -> tuple[list, np.ndarray]:
+    """A generation's solutions, and the controllers it plays: the solutions and the centre last (N + 1, P)."""
+    solutions = es.ask()
+    return solutions, np.vstack([np.asarray(solutions), es.mean[None, :]]).astype(np.float32)
+
+
+def dream_generator(seed: int, generation: int):
+    """The dreams' noise for one generation: the same in a search and in its ``--rescore``."""
     import torch
 
+    return torch.Generator().manual_seed(seed * 100_003 + generation)
+
+
+def rescore(args: argparse.Namespace, run, spec, start: np.ndarray, log_path: Path) -> None:
+    """Generation 1's candidates, drawn again, in each ``--rescore`` run's dream; rank correlation with the real."""
     from agents.cmaes import dream_fitness
     from envs.dream import DreamSettings, load_start_latents, load_world_model
     from worldmodel.errors import UserError
@@ -86,9 +97,7 @@ def rescore(args: argparse.Namespace, run, spec, start: np.ndarray, log_path: Pa
     records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     if not records or "real" not in records[0]:
         raise UserError(f"{log_path}: no generation 1 with real fitness (run it with --dream-rollouts first)")
-    es = new_es(start, args)
-    solutions = es.ask()
-    candidates = np.vstack([np.asarray(solutions), es.mean[None, :]]).astype(np.float32)
+    _, candidates = ask(new_es(start, args))
     real = np.array(records[0]["real"])
     if len(real) != len(candidates):
         raise UserError(f"{log_path}: generation 1 has {len(real)} controllers, --population "
@@ -101,9 +110,8 @@ def rescore(args: argparse.Namespace, run, spec, start: np.ndarray, log_path: Pa
         if m.feature_dim(other.cfg.controller.features) != spec.feature_dim:
             raise UserError(f"{path}: its M gives C {m.feature_dim(other.cfg.controller.features)} inputs, "
                             f"{args.run}'s controller takes {spec.feature_dim}")
-        generator = torch.Generator().manual_seed(args.seed * 100_003 + 1)
         dream, _, _ = dream_fitness(m, candidates, spec, DreamSettings.from_config(other.cfg),
-                                    load_start_latents(other), args.dream_rollouts, generator)
+                                    load_start_latents(other), args.dream_rollouts, dream_generator(args.seed, 1))
         pearson = float(np.corrcoef(dream, real)[0, 1])
         print(f"{path}: dream mean {dream.mean():.1f} ({dream.min():.1f}-{dream.max():.1f}), rank correlation "
               f"{rank_correlation(dream, real):.3f}, Pearson {pearson:.3f}", flush=True)
@@ -129,7 +137,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import torch
     from tqdm import tqdm
 
     from agents.cmaes import dream_fitness
@@ -152,8 +159,9 @@ def main() -> None:
         if run.cfg.env.name != "takecover":
             raise UserError(f"{args.run}: a {run.cfg.env.name} run; this script is for TakeCover")
         m = load_m(run.dir / "m.pt", run.cfg, z_dim=run.cfg.vae.z_dim).eval()
-        dream_m = load_world_model(run).eval() if args.dream_rollouts else None  # the dream's: m.pt or an ensemble
-        starts = load_start_latents(run) if args.dream_rollouts else None
+        scored = args.dream_rollouts and not args.rescore  # --rescore dreams in the other runs only
+        dream_m = load_world_model(run).eval() if scored else None  # the dream's: m.pt or an ensemble
+        starts = load_start_latents(run) if scored else None
         spec = ControllerSpec.for_config(run.cfg, m)
         if args.start == "controller":
             start, _ = load_controller(run.controller_path, expected_params=spec.num_params)
@@ -181,8 +189,7 @@ def main() -> None:
     while state["generation"] < args.generations:
         generation = state["generation"] + 1
         t0 = time.perf_counter()
-        solutions = es.ask()
-        candidates = np.vstack([np.asarray(solutions), es.mean[None, :]]).astype(np.float32)
+        solutions, candidates = ask(es)
         episode_seeds = [TRAIN_SEED_BASE + args.seed + (generation - 1) * args.episodes + k
                          for k in range(args.episodes)]
         rows = np.repeat(np.arange(len(candidates)), args.episodes)
@@ -192,9 +199,8 @@ def main() -> None:
         record = {"generation": generation, "pop_mean": float(fitness[:-1].mean()),
                   "pop_best": float(fitness[:-1].max()), "centre": float(fitness[-1]), "sigma": float(es.sigma)}
         if args.dream_rollouts:
-            generator = torch.Generator().manual_seed(args.seed * 100_003 + generation)
             dream, _, _ = dream_fitness(dream_m, candidates, spec, DreamSettings.from_config(run.cfg), starts,
-                                        args.dream_rollouts, generator)
+                                        args.dream_rollouts, dream_generator(args.seed, generation))
             record.update(dream=dream.tolist(), real=fitness.tolist(),
                           rank_correlation=rank_correlation(dream, fitness))
         if generation % args.check_every == 0 or generation == args.generations:

@@ -122,6 +122,9 @@ class ControllerConfig:
                              "evaluated as this stochastic policy; 0 = deterministic")
 
 
+ENSEMBLE_DONE_RULES = ("first", "max", "mean")  # cmaes.ensemble_done; worldmodel/ensemble.py
+
+
 @dataclass
 class CMAESConfig:
     population: int = _f(64, low=2)
@@ -132,7 +135,7 @@ class CMAESConfig:
     max_steps: int = _f(2100, low=1, doc="dream length cap")
     disagreement: float = _f(0.0, low=0.0, doc="lambda: dream reward = members' mean - lambda * their "
                                                 "std (model.ensemble > 1; worldmodel/ensemble.py)")
-    ensemble_done: str = _f("first", choices=("first", "max", "mean"),
+    ensemble_done: str = _f("first", choices=ENSEMBLE_DONE_RULES,
                             doc="whose P(done) ends a dream (model.ensemble > 1): the first member's, the "
                                 "highest of the members' (the dream ends where any of them expects a death), "
                                 "or their mean; worldmodel/ensemble.py")

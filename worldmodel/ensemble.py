@@ -29,20 +29,19 @@ from __future__ import annotations
 
 import torch
 
+from worldmodel.config import ENSEMBLE_DONE_RULES
 from worldmodel.m import State, WorldModel
 
 
 class Ensemble(WorldModel):
     """K M's behind the :class:`WorldModel` interface of the dream (not trainable as one)."""
 
-    DONE_RULES = ("first", "max", "mean")
-
     def __init__(self, members: list[WorldModel], disagreement: float = 0.0, done: str = "first"):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
-        if done not in self.DONE_RULES:
-            raise ValueError(f"done rule must be one of {self.DONE_RULES}, got {done!r}")
+        if done not in ENSEMBLE_DONE_RULES:
+            raise ValueError(f"done rule must be one of {ENSEMBLE_DONE_RULES}, got {done!r}")
         self.done_rule = done
         self.members = torch.nn.ModuleList(members)
         self.disagreement = float(disagreement)
