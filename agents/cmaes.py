@@ -82,21 +82,22 @@ def weights_fingerprint(m: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def m_snapshot_path(run: Run, m_id: str) -> Path:
-    """Where the M with fingerprint ``m_id`` is kept: ``m_history/<m_id>.pt``."""
-    return run.dir / M_HISTORY_DIR / f"{m_id}.pt"
+def m_snapshot_path(run: Run, m_id: str, member: int = 0) -> Path:
+    """Where the M with fingerprint ``m_id`` is kept: ``m_history/<m_id>.pt``; an ensemble's
+    other members beside it (``<m_id>.m1.pt`` ...)."""
+    return run.dir / M_HISTORY_DIR / (f"{m_id}.pt" if member == 0 else f"{m_id}.m{member}.pt")
 
 
 def keep_m_snapshot(run: Run, m_id: str) -> None:
-    """Copy the run's m.pt to ``m_history/<m_id>.pt`` (once), so that ``select`` can later play a
-    controller checked with this M after ``iterate`` has trained M on.  Not for ensembles: their
-    fingerprint covers every member, and the agent plays with the first one only."""
-    path = m_snapshot_path(run, m_id)
-    if run.cfg.model.ensemble > 1 or path.exists() or not run.m_path.exists():
+    """Copy the run's M files (every member of an ensemble) to ``m_history/`` (once), so that
+    ``select`` can later play a controller checked with this M after ``iterate`` has trained M on.
+    The first member's copy is written last: its presence means the snapshot is whole."""
+    if m_snapshot_path(run, m_id).exists() or not run.m_path.exists():
         return
-    path.parent.mkdir(exist_ok=True)
-    with atomic_path(path) as tmp:
-        shutil.copyfile(run.m_path, tmp)
+    m_snapshot_path(run, m_id).parent.mkdir(exist_ok=True)
+    for k in reversed(range(run.cfg.model.ensemble)):
+        with atomic_path(m_snapshot_path(run, m_id, k)) as tmp:
+            shutil.copyfile(run.member_path(k), tmp)
 
 
 def generation_seed(seed: int, generation: int) -> int:

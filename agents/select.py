@@ -10,12 +10,12 @@ check episodes and 692 on 100 held-out ones).  :func:`select_controller` plays t
 there.  C reads M's h, so each controller is played with the M it was checked with: a
 controller checked before an iteration retrained M would do worse with the new one (run tc7 in
 docs/results.md: generation 260 fell from 730.6 to 593.2 on the same 64 episodes).  The dream
-keeps a copy of every M it checks controllers with (``m_history/<fingerprint>.pt``,
-:func:`agents.cmaes.keep_m_snapshot`), so the checks of every iteration are candidates; checks
-whose M was not kept (an ensemble, a run from before the copies) count only with the current M.
-When the winner was checked with an earlier M, that M becomes the run's ``m.pt`` again (the
-training state stays in ``m_ckpt.pt``), so that the agent in ``evaluate`` and ``watch`` is the
-one that was selected.
+keeps a copy of every M it checks controllers with (``m_history/<fingerprint>.pt``, and an
+ensemble's other members beside it; :func:`agents.cmaes.keep_m_snapshot`), so the checks of
+every iteration are candidates; checks whose M was not kept (a run from before the copies) count
+only with the current M.  When the winner was checked with an earlier M, that M becomes the run's
+``m.pt`` again (``m1.pt`` ... too, for an ensemble; the training state stays in ``m_ckpt.pt``), so
+that the agent in ``evaluate`` and ``watch``, and its dream, are the ones that were selected.
 
 Scores are cached in ``select.json`` per (episodes, seed, how the agent acts: ``controller.real_z``
 and ``controller.action_noise``) and generation, so a rerun plays only controllers not yet scored
@@ -96,8 +96,9 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None
     best = max(top, key=lambda ch: scores[str(ch["generation"])]["mean"])
     chosen = scores[str(best["generation"])]
     if best.get("m") not in (None, m_id):  # checked with an earlier M: the agent plays with that one
-        with atomic_path(run.m_path) as tmp:
-            shutil.copyfile(m_snapshot_path(run, best["m"]), tmp)
+        for k in range(run.cfg.model.ensemble):
+            with atomic_path(run.member_path(k)) as tmp:
+                shutil.copyfile(m_snapshot_path(run, best["m"], k), tmp)
         print(f"   select: generation {best['generation']} was checked with an earlier M; "
               f"{run.m_path} is that M again ({m_snapshot_path(run, best['m']).name})", flush=True)
     current, meta = load_controller(run.controller_path)

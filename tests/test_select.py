@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.cmaes import STATE_FILE, _new_state, _save_state, m_snapshot_path
+from agents.cmaes import STATE_FILE, _new_state, _save_state, keep_m_snapshot, m_snapshot_path
 from agents.controller import load_controller, save_controller
 from agents.select import SELECT_SEED_BASE, select_controller
 from worldmodel.runs import open_run
@@ -121,3 +121,21 @@ def test_checks_of_an_earlier_m_play_with_that_m_and_the_winner_brings_it_back(m
     again = FakeGame([0.0, 0.0, 0.0])
     assert select_controller(run, again, m_id="old")["selected_generation"] == 10 and again.calls == []
     assert run.m_path.read_bytes() == b"iteration 1's M"
+
+
+def test_an_ensembles_members_are_kept_and_brought_back_together(make_run):
+    # The dream plays with every member, so a controller's M is all of them: kept and restored whole.
+    run = _run_with_checks(make_run, [900.0, 700.0], overrides=["model.ensemble=2"], ms=["old", "new"])
+    run.m_path.write_bytes(b"first member, iteration 1")
+    run.member_path(1).write_bytes(b"second member, iteration 1")
+    keep_m_snapshot(run, "old")
+    run.m_path.write_bytes(b"first member, now")
+    run.member_path(1).write_bytes(b"second member, now")
+    keep_m_snapshot(run, "old")  # kept once: a later call does not overwrite the copy
+    assert m_snapshot_path(run, "old", 1).read_bytes() == b"second member, iteration 1"
+    game = FakeGame([1000.0, 650.0])
+    summary = select_controller(run, game, m_id="new")
+    assert game.m_paths == {0: m_snapshot_path(run, "old"), 1: None}  # the real game needs the first alone
+    assert summary["m"] == "old"
+    assert run.m_path.read_bytes() == b"first member, iteration 1"
+    assert run.member_path(1).read_bytes() == b"second member, iteration 1"
