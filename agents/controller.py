@@ -11,8 +11,11 @@ Squashing of the A outputs ``y = W f + b``:
 
 - TakeCover (A = 1): ``tanh(y)`` in [-1, 1]; the environment splits that range into thirds
   (left / stay / right).
-- CarRacing (A = 3): steer ``tanh(y0)`` in [-1, 1]; gas ``(tanh(y1) + 1) / 2`` and brake
-  ``(tanh(y2) + 1) / 2`` in [0, 1] (the same as ``sigmoid(2 y)``).
+- CarRacing (A = 3): steer ``tanh(y0)`` in [-1, 1]; gas ``(tanh(y1) + 1) / 2`` in [0, 1]; brake
+  (``controller.brake``) ``clip(tanh(y2), 0, 1)`` as in the paper's code (``clip``: off for every
+  y2 <= 0, so a controller near zero drives and braking is one sign change away) or
+  ``(tanh(y2) + 1) / 2`` like the gas (``shift``: half the brake at y2 = 0, so CMA-ES first learns
+  to saturate it at 0, where it stays).
 
 :func:`act_batched` evaluates N controllers, each with its own parameters, in one batched op:
 the dream runs a whole CMA-ES generation as one batch.
@@ -36,6 +39,9 @@ from worldmodel.io import load_checkpoint, save_checkpoint
 #: real environment -> number of actions the controller emits.
 ACTION_DIMS: dict[str, int] = {"takecover": 1, "carracing": 3}
 
+#: controller.brake: how CarRacing's brake output is squashed into [0, 1] (see the module doc).
+BRAKE_SQUASHES = ("clip", "shift")
+
 
 def action_space(env_name: str) -> gym.spaces.Box:
     """The real environment's action space (the dream uses the same one)."""
@@ -54,17 +60,20 @@ class ControllerSpec:
     env: str
     feature_dim: int
     action_dim: int
+    brake: str = "clip"
 
     @classmethod
-    def for_env(cls, env_name: str, feature_dim: int) -> ControllerSpec:
+    def for_env(cls, env_name: str, feature_dim: int, brake: str = "clip") -> ControllerSpec:
         if env_name not in ACTION_DIMS:
             raise UserError(f"controller: unknown environment {env_name!r} (known: {', '.join(ACTION_DIMS)})")
-        return cls(env=env_name, feature_dim=int(feature_dim), action_dim=ACTION_DIMS[env_name])
+        if brake not in BRAKE_SQUASHES:
+            raise UserError(f"controller.brake: {brake!r} is not one of {', '.join(BRAKE_SQUASHES)}")
+        return cls(env=env_name, feature_dim=int(feature_dim), action_dim=ACTION_DIMS[env_name], brake=brake)
 
     @classmethod
     def for_config(cls, cfg, m) -> ControllerSpec:
         """The controller of a run: its env's actions on the features M gives for ``controller.features``."""
-        return cls.for_env(cfg.env.name, m.feature_dim(cfg.controller.features))
+        return cls.for_env(cfg.env.name, m.feature_dim(cfg.controller.features), cfg.controller.brake)
 
     @property
     def num_params(self) -> int:
@@ -78,14 +87,16 @@ class ControllerSpec:
         return w, params[:, n_w:]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"env": self.env, "feature_dim": self.feature_dim, "action_dim": self.action_dim}
+        out = {"env": self.env, "feature_dim": self.feature_dim, "action_dim": self.action_dim}
+        return {**out, "brake": self.brake} if self.env == "carracing" else out
 
 
 def squash(spec: ControllerSpec, y: torch.Tensor) -> torch.Tensor:
     """Map pre-activations y (N, A) into the action box (N, A)."""
     a = torch.tanh(y)
     if spec.env == "carracing":
-        a = torch.cat([a[:, :1], (a[:, 1:] + 1.0) * 0.5], dim=1)
+        brake = a[:, 2:].clamp(min=0.0) if spec.brake == "clip" else (a[:, 2:] + 1.0) * 0.5
+        a = torch.cat([a[:, :1], (a[:, 1:2] + 1.0) * 0.5, brake], dim=1)
     return a
 
 

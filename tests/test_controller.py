@@ -27,17 +27,26 @@ def test_layout_and_known_actions_takecover():
     assert action_space("takecover").contains(c.act(f).numpy())
 
 
-def test_known_actions_carracing():
-    spec = ControllerSpec.for_env("carracing", feature_dim=2)
+@pytest.mark.parametrize("brake", ["clip", "shift"])
+def test_known_actions_carracing(brake):
+    spec = ControllerSpec.for_env("carracing", feature_dim=2, brake=brake)
     w = np.array([[1.0, -1.0], [0.5, 0.0], [0.0, -2.0]])
     b = np.array([0.1, -0.2, 0.3])
     c = Controller.from_flat(spec, np.concatenate([w.reshape(-1), b]))
-    f = np.array([[0.3, 0.7], [-1.0, 2.0]], np.float32)
-    y = f @ w.T + b
-    expected = np.stack([np.tanh(y[:, 0]), (np.tanh(y[:, 1]) + 1) / 2, (np.tanh(y[:, 2]) + 1) / 2], 1)
+    f = np.array([[0.3, 0.7], [-1.0, 2.0], [0.0, -1.0]], np.float32)
+    y = f @ w.T + b  # brake outputs y2 = -1.1, -3.7, 2.3: off, off, on
+    brake_of = {"clip": np.clip(np.tanh(y[:, 2]), 0, 1), "shift": (np.tanh(y[:, 2]) + 1) / 2}[brake]
+    expected = np.stack([np.tanh(y[:, 0]), (np.tanh(y[:, 1]) + 1) / 2, brake_of], 1)
     got = c.act(f).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert all(action_space("carracing").contains(a) for a in got)
+    if brake == "clip":  # the paper's: no brake at all for y2 <= 0
+        assert got[0, 2] == 0.0 and got[1, 2] == 0.0 and got[2, 2] > 0.9
+
+
+def test_an_unknown_brake_squash_is_named():
+    with pytest.raises(UserError, match="controller.brake: 'soft'"):
+        ControllerSpec.for_env("carracing", feature_dim=2, brake="soft")
 
 
 @pytest.mark.parametrize("env", ["takecover", "carracing"])
