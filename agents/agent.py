@@ -61,7 +61,7 @@ class Agent:
             path = run_dir / "controller.pt"
             if not path.exists():
                 raise UserError(f"{path}: not found; run `python run.py dream` first")
-            params, _ = load_controller(path, expected_params=spec.num_params)
+            params, _ = load_controller(path, spec=spec)
         return cls(vae, m, spec, np.asarray(params, np.float32), cfg.controller.features, device,
                    cfg.controller.real_z, cfg.controller.action_noise)
 

@@ -178,20 +178,31 @@ def save_controller(path: str | os.PathLike, flat: np.ndarray | torch.Tensor, me
     save_checkpoint(path, {"params": params, "meta": dict(meta)})
 
 
-def load_controller(path: str | os.PathLike, expected_params: int | None = None) -> tuple[np.ndarray, dict]:
+def load_controller(path: str | os.PathLike, expected_params: int | None = None,
+                    spec: ControllerSpec | None = None) -> tuple[np.ndarray, dict]:
     """Read a controller written by :func:`save_controller` -> (params float32 (P,), meta).
 
     Loads with ``weights_only=True``; a file whose parameter count differs from
-    ``expected_params`` is a :class:`UserError` naming the file and both sizes.
+    ``expected_params`` (or ``spec.num_params``) is a :class:`UserError` naming the file and both
+    sizes, and so is a CarRacing controller evolved with another ``controller.brake`` than
+    ``spec``'s (its weights would drive another car).  Files from before the key was kept in the
+    meta were evolved with ``shift``.
     """
     path = Path(path)
     data = load_checkpoint(path)
     if not isinstance(data, dict) or not isinstance(data.get("params"), torch.Tensor):
         raise UserError(f"{path}: not a controller file (no 'params' tensor)")
     params = data["params"].detach().to(torch.float32).reshape(-1).numpy().copy()
+    if spec is not None:
+        expected_params = spec.num_params
     if expected_params is not None and params.size != expected_params:
         raise UserError(
             f"{path}: controller has {params.size} parameters, this config expects {expected_params}"
         )
     meta = data.get("meta") or {}
+    if spec is not None and spec.env == "carracing" and meta.get("env") == "carracing":
+        evolved = meta.get("brake", "shift")
+        if evolved != spec.brake:
+            raise UserError(f"{path}: evolved with controller.brake {evolved!r}, this config says "
+                            f"{spec.brake!r}; set controller.brake: {evolved} to play it")
     return params, dict(meta)

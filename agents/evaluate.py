@@ -171,7 +171,7 @@ def dream_episodes(run: Run, episodes: int, seed: int, policy: str | Callable[[i
         def blind(t: int, features: torch.Tensor) -> torch.Tensor:
             return features.new_full((features.shape[0], 1), action_at(t))
     else:
-        params, _ = load_controller(run.controller_path, expected_params=spec.num_params)
+        params, _ = load_controller(run.controller_path, spec=spec)
     generator = torch.Generator().manual_seed(seed)
     z0 = sample_start_z(load_start_latents(run), episodes, generator)
     with torch.no_grad():

@@ -17,8 +17,8 @@ only with the current M.  When the winner was checked with an earlier M, that M 
 ``m.pt`` again (``m1.pt`` ... too, for an ensemble; the training state stays in ``m_ckpt.pt``), so
 that the agent in ``evaluate`` and ``watch``, and its dream, are the ones that were selected.
 
-Scores are cached in ``select.json`` per (episodes, seed, how the agent acts: ``controller.real_z``
-and ``controller.action_noise``) and generation, so a rerun plays only controllers not yet scored
+Scores are cached in ``select.json`` per (episodes, seed, how the agent acts: ``controller.real_z``,
+``controller.action_noise`` and CarRacing's ``controller.brake``) and generation, so a rerun plays only controllers not yet scored
 under the same rules; ``controller.pt`` is rewritten only when the choice changes.
 """
 
@@ -53,6 +53,8 @@ def _cache_key(run: Run, seed: int) -> str:
     """Which episodes, and how the agent plays them: a score holds only for the same of both."""
     ctl = run.cfg.controller
     acting = f", real z {ctl.real_z}" + (f", action noise {ctl.action_noise:g}" if ctl.action_noise else "")
+    if run.cfg.env.name == "carracing" and ctl.brake != "shift":  # shift: every cache before the key
+        acting += f", brake {ctl.brake}"
     return f"{run.cfg.cmaes.select_episodes} episodes from seed {seed}{acting}"
 
 

@@ -63,7 +63,7 @@ def load_controller_for(run: Run, m: WorldModel) -> Controller:
     spec = ControllerSpec.for_config(run.cfg, m)
     if not run.controller_path.exists():
         raise UserError(f"{run.controller_path}: not found; run `python run.py dream` first")
-    params, _ = load_controller(run.controller_path, expected_params=spec.num_params)
+    params, _ = load_controller(run.controller_path, spec=spec)
     return Controller(spec, params)
 
 

@@ -164,7 +164,7 @@ def main() -> None:
         starts = load_start_latents(run) if scored else None
         spec = ControllerSpec.for_config(run.cfg, m)
         if args.start == "controller":
-            start, _ = load_controller(run.controller_path, expected_params=spec.num_params)
+            start, _ = load_controller(run.controller_path, spec=spec)
         else:
             start = np.zeros(spec.num_params, np.float32)
     except UserError as exc:

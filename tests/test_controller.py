@@ -44,6 +44,20 @@ def test_known_actions_carracing(brake):
         assert got[0, 2] == 0.0 and got[1, 2] == 0.0 and got[2, 2] > 0.9
 
 
+def test_a_controller_evolved_with_another_brake_is_refused(tmp_path):
+    clip = ControllerSpec.for_env("carracing", feature_dim=2)
+    shift = ControllerSpec.for_env("carracing", feature_dim=2, brake="shift")
+    flat = np.zeros(clip.num_params, np.float32)
+    save_controller(tmp_path / "new.pt", flat, clip.to_dict())
+    save_controller(tmp_path / "old.pt", flat, {"env": "carracing", "feature_dim": 2, "action_dim": 3})
+    assert load_controller(tmp_path / "new.pt", spec=clip)[1]["brake"] == "clip"
+    load_controller(tmp_path / "old.pt", spec=shift)  # a file from before the key: shift
+    with pytest.raises(UserError, match="evolved with controller.brake 'clip'.*says 'shift'"):
+        load_controller(tmp_path / "new.pt", spec=shift)
+    with pytest.raises(UserError, match="evolved with controller.brake 'shift'"):
+        load_controller(tmp_path / "old.pt", spec=clip)
+
+
 def test_an_unknown_brake_squash_is_named():
     with pytest.raises(UserError, match="controller.brake: 'soft'"):
         ControllerSpec.for_env("carracing", feature_dim=2, brake="soft")
