@@ -134,10 +134,15 @@ def _new_es(num_params: int, c, restart: int = 0) -> cma.CMAEvolutionStrategy:
     return cma.CMAEvolutionStrategy(np.zeros(num_params), c.sigma0, opts)
 
 
-def _new_state(num_params: int, c) -> dict[str, Any]:
+def _new_state(num_params: int, c, brake: str | None = None) -> dict[str, Any]:
+    """``brake``: CarRacing's ``controller.brake`` (the search's params mean another car under the other)."""
     return {"version": STATE_VERSION, "es": _new_es(num_params, c), "generation": 0, "num_params": num_params,
             "population": c.population, "seed": c.seed, "best_dream": None, "best_real": None,
-            "checks": [], "history": [], "wall_s": 0.0, "restarts": []}
+            "checks": [], "history": [], "wall_s": 0.0, "restarts": [], **({"brake": brake} if brake else {})}
+
+
+def _brake(spec: ControllerSpec) -> str | None:
+    return spec.brake if spec.env == "carracing" else None
 
 
 def restart_search(run: Run, tag: int) -> bool:
@@ -179,8 +184,12 @@ def load_state(path: Path) -> dict[str, Any]:
     return data
 
 
-def _check_resume(path: Path, state: dict[str, Any], num_params: int, c) -> None:
-    for key, now in (("num_params", num_params), ("population", c.population), ("seed", c.seed)):
+def _check_resume(path: Path, state: dict[str, Any], spec: ControllerSpec, c) -> None:
+    keys = [("num_params", spec.num_params), ("population", c.population), ("seed", c.seed)]
+    if _brake(spec):  # a CarRacing search from before the key was kept used "shift"
+        state = {"brake": "shift", **state}
+        keys.append(("brake", spec.brake))
+    for key, now in keys:
         if state[key] != now:
             raise UserError(f"{path}: was started with {key} {state[key]}, now {now}; "
                             "use another run folder (or delete the file to restart)")
@@ -231,9 +240,9 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
     state_path = run.path(STATE_FILE)
     if state_path.exists():
         state = load_state(state_path)
-        _check_resume(state_path, state, spec.num_params, c)
+        _check_resume(state_path, state, spec, c)
     else:
-        state = _new_state(spec.num_params, c)
+        state = _new_state(spec.num_params, c, _brake(spec))
     start_generation = state["generation"]
     metrics_path = run.metrics_path("dream")
     write_text(metrics_path, "".join(json.dumps(h, sort_keys=True) + "\n" for h in state["history"]))

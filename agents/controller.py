@@ -33,14 +33,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from worldmodel.config import BRAKE_SQUASHES
 from worldmodel.errors import UserError
 from worldmodel.io import load_checkpoint, save_checkpoint
 
 #: real environment -> number of actions the controller emits.
 ACTION_DIMS: dict[str, int] = {"takecover": 1, "carracing": 3}
-
-#: controller.brake: how CarRacing's brake output is squashed into [0, 1] (see the module doc).
-BRAKE_SQUASHES = ("clip", "shift")
 
 
 def action_space(env_name: str) -> gym.spaces.Box:

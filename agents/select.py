@@ -18,8 +18,9 @@ only with the current M.  When the winner was checked with an earlier M, that M 
 that the agent in ``evaluate`` and ``watch``, and its dream, are the ones that were selected.
 
 Scores are cached in ``select.json`` per (episodes, seed, how the agent acts: ``controller.real_z``,
-``controller.action_noise`` and CarRacing's ``controller.brake``) and generation, so a rerun plays only controllers not yet scored
-under the same rules; ``controller.pt`` is rewritten only when the choice changes.
+``controller.action_noise`` and CarRacing's ``controller.brake``) and generation, so a rerun plays
+only controllers not yet scored under the same rules; ``controller.pt`` is rewritten only when the
+choice changes.
 """
 
 from __future__ import annotations

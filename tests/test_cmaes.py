@@ -146,6 +146,24 @@ def test_resume_refuses_other_population_and_pretrained(tmp_path):
         train(make_run(tmp_path / "r", generations=2))
 
 
+class CarLifeM(LifeM):
+    action_dim = 3
+
+
+def test_resume_refuses_another_brake(tmp_path):
+    run = make_run(tmp_path / "r", generations=1)
+    run.cfg.env.name = "carracing"
+    train_controller(run, progress=False, m=CarLifeM(), starts=STARTS)
+    assert load_state(run.path(STATE_FILE))["brake"] == "clip"
+    run.cfg.controller.brake, run.cfg.cmaes.generations = "shift", 2
+    with pytest.raises(UserError, match="was started with brake clip, now shift"):
+        train_controller(run, progress=False, m=CarLifeM(), starts=STARTS)
+    state = pickle.loads(run.path(STATE_FILE).read_bytes())  # a search from before the key: shift
+    del state["brake"]
+    run.path(STATE_FILE).write_bytes(pickle.dumps(state))
+    assert train_controller(run, progress=False, m=CarLifeM(), starts=STARTS)["generations"] == 2
+
+
 def test_train_controller_loads_m_and_latents_from_the_run(tmp_path):
     from worldmodel.mdnrnn import MDNRNN
     from worldmodel.train_m import save_m

@@ -112,6 +112,9 @@ class ModelConfig:
                                       "their mean less cmaes.disagreement x their spread")
 
 
+BRAKE_SQUASHES = ("clip", "shift")  # controller.brake; agents/controller.py
+
+
 @dataclass
 class ControllerConfig:
     features: str = _f("zh", choices=("zh", "zch"), doc="what C sees: [z, h] or [z, c, h]")
@@ -120,7 +123,7 @@ class ControllerConfig:
     action_noise: float = _f(0.0, low=0.0, doc="std of Gaussian noise on C's actions (then clipped to the "
                              "action box), in the dream and in the real game alike: C is evolved and "
                              "evaluated as this stochastic policy; 0 = deterministic")
-    brake: str = _f("clip", choices=("clip", "shift"),
+    brake: str = _f("clip", choices=BRAKE_SQUASHES,
                     doc="CarRacing's brake from C's output y: clip(tanh y, 0, 1) as in the paper's code, "
                         "or (tanh y + 1) / 2 (half the brake at y = 0; agents/controller.py)")
 
