@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from agents.controller import ControllerSpec, save_controller
 from envs.dream import DreamSettings, dream_rollouts, load_start_latents, load_world_model, sample_start_z
+from worldmodel.config import LEGACY_BRAKE
 from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, atomic_path, write_text
 from worldmodel.m import WorldModel
@@ -186,8 +187,8 @@ def load_state(path: Path) -> dict[str, Any]:
 
 def _check_resume(path: Path, state: dict[str, Any], spec: ControllerSpec, c) -> None:
     keys = [("num_params", spec.num_params), ("population", c.population), ("seed", c.seed)]
-    if _brake(spec):  # a CarRacing search from before the key was kept used "shift"
-        state = {"brake": "shift", **state}
+    if _brake(spec):  # a CarRacing search from before the key was kept
+        state = {"brake": LEGACY_BRAKE, **state}
         keys.append(("brake", spec.brake))
     for key, now in keys:
         if state[key] != now:

@@ -33,7 +33,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from worldmodel.config import BRAKE_SQUASHES
+from worldmodel.config import BRAKE_SQUASHES, LEGACY_BRAKE
 from worldmodel.errors import UserError
 from worldmodel.io import load_checkpoint, save_checkpoint
 
@@ -199,7 +199,7 @@ def load_controller(path: str | os.PathLike, expected_params: int | None = None,
         )
     meta = data.get("meta") or {}
     if spec is not None and spec.env == "carracing" and meta.get("env") == "carracing":
-        evolved = meta.get("brake", "shift")
+        evolved = meta.get("brake", LEGACY_BRAKE)
         if evolved != spec.brake:
             raise UserError(f"{path}: evolved with controller.brake {evolved!r}, this config says "
                             f"{spec.brake!r}; set controller.brake: {evolved} to play it")

@@ -34,6 +34,7 @@ import numpy as np
 from agents.cmaes import STATE_FILE, EvaluateFn, load_state, m_snapshot_path, weights_fingerprint
 from agents.controller import load_controller, save_controller
 from envs.dream import load_world_model
+from worldmodel.config import LEGACY_BRAKE
 from worldmodel.io import atomic_path, write_json
 from worldmodel.runs import Run
 
@@ -54,7 +55,7 @@ def _cache_key(run: Run, seed: int) -> str:
     """Which episodes, and how the agent plays them: a score holds only for the same of both."""
     ctl = run.cfg.controller
     acting = f", real z {ctl.real_z}" + (f", action noise {ctl.action_noise:g}" if ctl.action_noise else "")
-    if run.cfg.env.name == "carracing" and ctl.brake != "shift":  # shift: every cache before the key
+    if run.cfg.env.name == "carracing" and ctl.brake != LEGACY_BRAKE:  # so caches from before the key still hold
         acting += f", brake {ctl.brake}"
     return f"{run.cfg.cmaes.select_episodes} episodes from seed {seed}{acting}"
 

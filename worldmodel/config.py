@@ -113,6 +113,9 @@ class ModelConfig:
 
 
 BRAKE_SQUASHES = ("clip", "shift")  # controller.brake; agents/controller.py
+#: the squash of every CarRacing controller, search state and select cache written before the
+#: brake was recorded
+LEGACY_BRAKE = "shift"
 
 
 @dataclass
