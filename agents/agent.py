@@ -5,6 +5,8 @@ over them.  At step t: ``z_t = V(frame_t)`` (the posterior mean, or a sample fro
 posterior with ``controller.real_z: sample``), ``a_t =
 C(M.features(state_t, z_t))`` (plus N(0, σ²) noise, clipped to the action box, with
 ``controller.action_noise`` = σ > 0), then ``state_{t+1} = M.observe(state_t, z_t, a_t)``.
+The game then gets ``a_t`` plus N(0, ρ²) noise, clipped again, with ``controller.real_noise`` =
+ρ > 0: noise M does not observe, as the agent's collections in ``iterate`` get ``iterate.noise``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class Agent:
 
     def __init__(self, vae: ConvVAE, m: WorldModel, spec: ControllerSpec, params: np.ndarray,
                  features: str, device: torch.device | str = "cpu", real_z: str = "mean",
-                 action_noise: float = 0.0):
+                 action_noise: float = 0.0, real_noise: float = 0.0):
         """``params``: one controller (P,) for every environment, or one per environment (N, P)."""
         params = np.asarray(params)
         if params.ndim not in (1, 2) or params.shape[-1] != spec.num_params:
@@ -38,7 +40,7 @@ class Agent:
         self.params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(-1, spec.num_params)
         self.per_env = params.ndim == 2
         self.real_z = real_z
-        self.action_noise = float(action_noise)
+        self.action_noise, self.real_noise = float(action_noise), float(real_noise)
         self.state: State = ()
         self.generators: list[torch.Generator] = []
 
@@ -63,7 +65,7 @@ class Agent:
                 raise UserError(f"{path}: not found; run `python run.py dream` first")
             params, _ = load_controller(path, spec=spec)
         return cls(vae, m, spec, np.asarray(params, np.float32), cfg.controller.features, device,
-                   cfg.controller.real_z, cfg.controller.action_noise)
+                   cfg.controller.real_z, cfg.controller.action_noise, cfg.controller.real_noise)
 
     def reset(self, batch_size: int, seeds: list[int] | None = None) -> None:
         """Start ``batch_size`` episodes; ``seeds`` fix each one's draws (z samples with
@@ -99,6 +101,8 @@ class Agent:
         if self.action_noise > 0:  # M observes the action taken, as in the dream
             actions = add_action_noise(self.spec, actions, self.action_noise, self._normal(actions.shape[1]))
         self.state = self.m.observe(self.state, z, actions)
+        if self.real_noise > 0:  # after M has observed: noise of the real game alone
+            actions = add_action_noise(self.spec, actions, self.real_noise, self._normal(actions.shape[1]))
         return actions.cpu().numpy()
 
 

@@ -164,6 +164,26 @@ def restart_search(run: Run, tag: int) -> bool:
     return True
 
 
+def add_check(run: Run, check: dict[str, Any]) -> bool:
+    """Record a real score the dream did not play itself: ``iterate``'s collector, the centre after
+    an iteration's last update, scored by the episodes it collected.  It joins the checks that
+    agents/select.py picks from.  ``check["key"]`` names it (a check's default key is its
+    generation); returns False (and changes nothing) when that key is already recorded."""
+    path = run.path(STATE_FILE)
+    state = load_state(path)
+    checks = state.setdefault("checks", [])
+    if any(check_key(ch) == check["key"] for ch in checks):
+        return False
+    checks.append(check)
+    _save_state(path, state)
+    return True
+
+
+def check_key(check: dict[str, Any]) -> str:
+    """How select.json and ``add_check`` name a check: its ``key``, else its generation."""
+    return str(check.get("key", check["generation"]))
+
+
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     data = dict(state, es=state["es"].pickle_dumps())
     with atomic_path(path) as tmp:

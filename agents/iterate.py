@@ -7,7 +7,9 @@ agent alive).  Iterating closes that gap.  Iteration i (1 … ``iterate.iteratio
 
 1. **collect** ``iterate.episodes`` real episodes with the current agent (V, M and the
    centre of CMA-ES's distribution), its actions perturbed by Gaussian noise of std ``iterate.noise``;
-   they join the run's episodes;
+   they join the run's episodes; with ``iterate.noise`` 0 (the agent as it plays, noise from
+   ``controller.real_noise``) their mean return joins the real checks as that controller's
+   score, so ``select`` can pick it (:func:`_collector_check`);
 2. **encode** them with V (or, with ``iterate.vae_epochs`` > 0, train V that many more
    epochs on all frames and re-encode everything);
 3. **train M** ``iterate.m_epochs`` more epochs on all the data, from its current
@@ -36,7 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from agents.cmaes import STATE_FILE, load_state, restart_search
+from agents.cmaes import (
+    STATE_FILE,
+    add_check,
+    keep_m_snapshot,
+    load_state,
+    restart_search,
+    weights_fingerprint,
+)
 from agents.collect import collect_agent
 from agents.controller import load_controller, save_controller
 from worldmodel.errors import UserError
@@ -74,17 +83,38 @@ def _current_controller(run: Run) -> tuple[np.ndarray, int]:
     return np.asarray(state["es"].mean, np.float32), int(state["generation"])
 
 
-def _collector(run: Run, i: int) -> tuple[np.ndarray, int]:
-    """The controller that collects iteration ``i``'s episodes, and its generation: the centre when
-    the iteration began, kept in ``collectors/iteration_<i>.pt`` for a resumed iteration."""
+def _collector(run: Run, i: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The controller that collects iteration ``i``'s episodes and its metadata (``generation``;
+    ``m``, the fingerprint of the M it plays with, kept in ``m_history/``): the centre when the
+    iteration began, kept in ``collectors/iteration_<i>.pt`` for a resumed iteration."""
+    from envs.dream import load_world_model
+
     path = run.dir / COLLECTORS_DIR / f"iteration_{i}.pt"
     if path.exists():
-        params, meta = load_controller(path)
-        return params, int(meta["generation"])
+        return load_controller(path)
     params, generation = _current_controller(run)
+    m_id = weights_fingerprint(load_world_model(run))
+    keep_m_snapshot(run, m_id)
+    meta = {"iteration": i, "generation": generation, "m": m_id}
     path.parent.mkdir(exist_ok=True)
-    save_controller(path, params, {"iteration": i, "generation": generation})
-    return params, generation
+    save_controller(path, params, meta)
+    return params, meta
+
+
+def _collector_check(run: Run, i: int, params: np.ndarray, meta: dict[str, Any], collected: dict) -> None:
+    """The collector's return over the iteration's episodes, as a real check for ``select``.
+
+    The dream checks the centre *before* a generation's update; the collector is the centre
+    after the iteration's last one, which no check has played.  With ``iterate.noise`` 0 it plays
+    as checks, ``select`` and ``evaluate`` play (``controller.real_noise`` included), on
+    ``iterate.episodes`` tracks instead of a check's ``cmaes.eval_episodes``.  With more noise its
+    return scores another policy, and a collector from before ``m`` was recorded played with an
+    unknown M: neither is a candidate."""
+    if run.cfg.iterate.noise > 0 or "m" not in meta:
+        return
+    add_check(run, {"key": f"collector {i}", "params": np.asarray(params, np.float32),
+                    "generation": int(meta["generation"]), "real_score": float(collected["mean_return"]),
+                    "m": meta["m"], "source": "collect", "episodes": run.cfg.iterate.episodes})
 
 
 def _require_dream(run: Run) -> None:
@@ -116,10 +146,12 @@ def iterate(run: Run, workers: int | None = None, backend: str | None = None, sk
         seconds: dict[str, float] = {}
 
         start = time.perf_counter()
-        params, generation = _collector(run, i)
+        params, collector = _collector(run, i)
+        generation = int(collector["generation"])
         first = prev.cfg.collect.episodes
         collected = collect_agent(run, range(first, cur.cfg.collect.episodes), params, it.noise,
                                   workers, backend, progress)
+        _collector_check(run, i, params, collector, collected)
         seconds["collect"] = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -13,14 +13,15 @@ docs/results.md: generation 260 fell from 730.6 to 593.2 on the same 64 episodes
 keeps a copy of every M it checks controllers with (``m_history/<fingerprint>.pt``, and an
 ensemble's other members beside it; :func:`agents.cmaes.keep_m_snapshot`), so the checks of
 every iteration are candidates; checks whose M was not kept (a run from before the copies) count
-only with the current M.  When the winner was checked with an earlier M, that M becomes the run's
+only with the current M.  ``iterate``'s collectors count as checks too, scored by the episodes
+they collected (agents/iterate.py).  When the winner was checked with an earlier M, that M becomes the run's
 ``m.pt`` again (``m1.pt`` ... too, for an ensemble; the training state stays in ``m_ckpt.pt``), so
 that the agent in ``evaluate`` and ``watch``, and its dream, are the ones that were selected.
 
 Scores are cached in ``select.json`` per (episodes, seed, how the agent acts: ``controller.real_z``,
-``controller.action_noise`` and CarRacing's ``controller.brake``) and generation, so a rerun plays
-only controllers not yet scored under the same rules; ``controller.pt`` is rewritten only when the
-choice changes.
+``controller.action_noise``, ``controller.real_noise`` and CarRacing's ``controller.brake``) and
+generation, so a rerun plays only controllers not yet scored under the same rules;
+``controller.pt`` is rewritten only when the choice changes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.cmaes import STATE_FILE, EvaluateFn, load_state, m_snapshot_path, weights_fingerprint
+from agents.cmaes import STATE_FILE, EvaluateFn, check_key, load_state, m_snapshot_path, weights_fingerprint
 from agents.controller import load_controller, save_controller
 from envs.dream import load_world_model
 from worldmodel.config import LEGACY_BRAKE
@@ -55,9 +56,15 @@ def _cache_key(run: Run, seed: int) -> str:
     """Which episodes, and how the agent plays them: a score holds only for the same of both."""
     ctl = run.cfg.controller
     acting = f", real z {ctl.real_z}" + (f", action noise {ctl.action_noise:g}" if ctl.action_noise else "")
+    acting += f", real-game noise {ctl.real_noise:g}" if ctl.real_noise else ""
     if run.cfg.env.name == "carracing" and ctl.brake != LEGACY_BRAKE:  # so caches from before the key still hold
         acting += f", brake {ctl.brake}"
     return f"{run.cfg.cmaes.select_episodes} episodes from seed {seed}{acting}"
+
+
+def _name(check: dict[str, Any]) -> str:
+    key = check_key(check)
+    return f"generation {key}" if key == str(check["generation"]) else key
 
 
 def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None) -> dict[str, Any]:
@@ -87,7 +94,7 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None
     cache = _read_cache(run)
     scores = cache.setdefault(_cache_key(run, seed), {})
     for check in top:
-        key = str(check["generation"])
+        key = check_key(check)
         if key not in scores or scores[key].get("m") != check.get("m"):
             earlier = {"m_path": m_snapshot_path(run, check["m"])} if check.get("m") not in (None, m_id) else {}
             returns = np.asarray(evaluate_fn(check["params"].copy(), c.select_episodes, seed, **earlier),
@@ -95,24 +102,26 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None
             scores[key] = {"mean": float(returns.mean()), "std": float(returns.std()),
                            "check_score": float(check["real_score"]), "m": check.get("m")}
             write_json(run.path(SELECT_FILE), cache)
-            print(f"   select: generation {key}: check {check['real_score']:.1f}, "
+            print(f"   select: {_name(check)}: check {check['real_score']:.1f}, "
                   f"{c.select_episodes} fresh episodes {returns.mean():.1f} ± {returns.std():.1f}", flush=True)
-    best = max(top, key=lambda ch: scores[str(ch["generation"])]["mean"])
-    chosen = scores[str(best["generation"])]
+    best = max(top, key=lambda ch: scores[check_key(ch)]["mean"])
+    chosen = scores[check_key(best)]
     if best.get("m") not in (None, m_id):  # checked with an earlier M: the agent plays with that one
         for k in range(run.cfg.model.ensemble):
             with atomic_path(run.member_path(k)) as tmp:
                 shutil.copyfile(m_snapshot_path(run, best["m"], k), tmp)
-        print(f"   select: generation {best['generation']} was checked with an earlier M; "
+        print(f"   select: {_name(best)} was checked with an earlier M; "
               f"{run.m_path} is that M again ({m_snapshot_path(run, best['m']).name})", flush=True)
     current, meta = load_controller(run.controller_path)
     if not np.array_equal(current, best["params"]):
-        meta.update(source="select", generation=int(best["generation"]), dream_score=float(best["dream_score"]),
+        dream_score = best.get("dream_score")  # none for a collector (agents/iterate.py)
+        meta.update(source="select", generation=int(best["generation"]), check=check_key(best),
+                    dream_score=None if dream_score is None else float(dream_score),
                     real_score=float(best["real_score"]), select_score=chosen["mean"],
                     select_episodes=c.select_episodes, **({"m": best["m"]} if best.get("m") else {}))
         save_controller(run.controller_path, best["params"], meta)
-    return {"selected_generation": int(best["generation"]), "select_score": chosen["mean"], "m": best.get("m"),
+    return {"selected_generation": int(best["generation"]), "selected": check_key(best),
+            "select_score": chosen["mean"], "m": best.get("m"),
             "select_std": chosen["std"], "check_score": chosen["check_score"],
-            "candidates": {int(k): v["mean"] for k, v in scores.items() if int(k) in
-                           {int(ch["generation"]) for ch in top}},
+            "candidates": {check_key(ch): scores[check_key(ch)]["mean"] for ch in top},
             "controller_path": str(run.controller_path)}

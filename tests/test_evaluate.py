@@ -77,9 +77,11 @@ def _frame_to_input(frame: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _hand_agent_episode(tiny: dict, seed: int, noise: float = 0.0) -> tuple[float, int, list[float]]:
+def _hand_agent_episode(tiny: dict, seed: int, noise: float = 0.0,
+                        real_noise: float = 0.0) -> tuple[float, int, list[float]]:
     """One real episode: z = V's mu, f = M.features, a = tanh(W f + b) from the flat params;
-    with ``noise`` σ, a = clip(a + σ ε) with ε from torch's generator seeded with the seed."""
+    with ``noise`` σ, a = clip(a + σ ε) with ε from torch's generator seeded with the seed.
+    With ``real_noise`` ρ, M observes a and the game gets clip(a + ρ ε'), ε' the generator's next draw."""
     vae, m, params = tiny["vae"], tiny["m"], tiny["params"].astype(np.float64)
     w, b = params[:-1], params[-1]  # TakeCover: A = 1, so W is one row of F weights, b one bias
     env = envs.make("takecover", max_steps=MAX_STEPS)
@@ -94,6 +96,8 @@ def _hand_agent_episode(tiny: dict, seed: int, noise: float = 0.0) -> tuple[floa
             a = float(np.clip(np.float32(a) + noise * torch.randn(1, generator=generator).item(), -1.0, 1.0))
         actions.append(float(a))
         state = m.observe(state, mu, torch.tensor([[a]], dtype=torch.float32))
+        if real_noise:
+            a = float(np.clip(np.float32(a) + real_noise * torch.randn(1, generator=generator).item(), -1.0, 1.0))
         frame, reward, terminated, truncated, _ = env.step(np.array([a], np.float32))
         total += reward
         steps += 1
@@ -160,6 +164,16 @@ def test_action_noise_is_played_as_the_hand_loop_plays_it(tiny, by_hand):
     expected = [_hand_agent_episode(tiny, s, noise=0.5)[0] for s in by_hand["seeds"]]
     np.testing.assert_allclose(returns, expected)
     assert returns != by_hand["agent"]
+
+
+def test_real_noise_reaches_the_game_but_not_m(tiny, by_hand):
+    run = dataclasses.replace(tiny["run"], cfg=config_lib.apply_overrides(
+        tiny["run"].cfg, ["controller.action_noise=0.5", "controller.real_noise=0.5"]))
+    returns = evaluate_params(run, tiny["params"], EPISODES, SEED, workers=2)
+    expected = [_hand_agent_episode(tiny, s, noise=0.5, real_noise=0.5)[0] for s in by_hand["seeds"]]
+    np.testing.assert_allclose(returns, expected)
+    observed = [_hand_agent_episode(tiny, s, noise=0.5)[0] for s in by_hand["seeds"]]
+    assert returns != observed  # the check can fail: the extra noise changes the episodes
 
 
 def _task(run, policy: str, seeds: list[int]) -> dict:

@@ -9,10 +9,18 @@ import pytest
 import torch
 
 from agents.agent import Agent
-from agents.cmaes import STATE_FILE, _save_state, load_state, restart_search
+from agents.cmaes import (
+    STATE_FILE,
+    _save_state,
+    load_state,
+    m_snapshot_path,
+    restart_search,
+    weights_fingerprint,
+)
 from agents.controller import load_controller
-from agents.iterate import iterate, iteration_run
+from agents.iterate import _collector_check, iterate, iteration_run
 from agents.pipeline import dream
+from envs.dream import load_world_model
 from worldmodel.episodes import list_episodes, load_episode
 from worldmodel.errors import UserError
 from worldmodel.io import load_checkpoint, read_jsonl
@@ -88,6 +96,35 @@ def test_agent_episodes_are_played_by_the_controller(iterated):
     agent.reset(1)
     replayed = np.concatenate([agent.act(frame[None]) for frame in held_random["obs"]])
     assert not np.allclose(replayed, held_random["action"], atol=1e-5)  # the check can fail
+
+
+def test_each_collector_is_a_check_scored_by_its_episodes(iterated):
+    """The centre that collects joins the real checks (``select`` may keep it), with the M it played with."""
+    run, _, before = iterated
+    records = read_jsonl(run.metrics_path("iterate"))
+    checks = {ch["key"]: ch for ch in load_state(run.path(STATE_FILE))["checks"] if "key" in ch}
+    assert sorted(checks) == [f"collector {r['iteration']}" for r in records]
+    for r in records:
+        check = checks[f"collector {r['iteration']}"]
+        params, meta = load_controller(run.dir / "collectors" / f"iteration_{r['iteration']}.pt")
+        np.testing.assert_array_equal(check["params"], params)
+        assert check["real_score"] == pytest.approx(r["collect_return"])
+        assert check["generation"] == r["collected_by"]["generation"] and check["m"] == meta["m"]
+        assert m_snapshot_path(run, check["m"]).exists()
+    first_m = weights_fingerprint(load_world_model(open_run(before, None, [])))
+    assert checks["collector 1"]["m"] == first_m != checks["collector 2"]["m"]  # M was retrained in between
+
+
+def test_a_collector_with_more_noise_than_play_is_no_candidate(iterated, tmp_path):
+    run, _, _ = iterated
+    shutil.copytree(run.dir, tmp_path / "run", ignore=shutil.ignore_patterns("episodes", "latents", "cache"))
+    noisy = open_run(tmp_path / "run", None, ["iterate.noise=0.1"])
+    before = len(load_state(noisy.path(STATE_FILE))["checks"])
+    params, meta = load_controller(noisy.dir / "collectors" / "iteration_1.pt")
+    _collector_check(noisy, 9, params, meta, {"mean_return": 1000.0})  # its return scores another policy
+    assert len(load_state(noisy.path(STATE_FILE))["checks"]) == before
+    _collector_check(open_run(noisy.dir, None, ["iterate.noise=0"]), 9, params, meta, {"mean_return": 1000.0})
+    assert len(load_state(noisy.path(STATE_FILE))["checks"]) == before + 1  # the check can fail
 
 
 def test_rerun_does_nothing_and_more_iterations_continue(iterated):

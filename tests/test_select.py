@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.cmaes import STATE_FILE, _new_state, _save_state, keep_m_snapshot, m_snapshot_path
+from agents.cmaes import (
+    STATE_FILE,
+    _new_state,
+    _save_state,
+    add_check,
+    check_key,
+    keep_m_snapshot,
+    load_state,
+    m_snapshot_path,
+)
 from agents.controller import load_controller, save_controller
 from agents.select import SELECT_SEED_BASE, select_controller
 from worldmodel.runs import open_run
@@ -139,3 +148,30 @@ def test_an_ensembles_members_are_kept_and_brought_back_together(make_run):
     assert summary["m"] == "old"
     assert run.m_path.read_bytes() == b"first member, iteration 1"
     assert run.member_path(1).read_bytes() == b"second member, iteration 1"
+
+
+def test_real_game_noise_is_another_way_of_acting(make_run):
+    run = _run_with_checks(make_run, [300.0, 700.0, 900.0])
+    select_controller(run, FakeGame([0.0, 650.0, 500.0]))
+    noisy = open_run(run.dir, None, ["controller.real_noise=0.1"])
+    game = FakeGame([0.0, 400.0, 600.0])
+    assert select_controller(noisy, game)["selected_generation"] == 30
+    assert sorted(i for i, _, _ in game.calls) == [1, 2]  # played again, not read from the noiseless scores
+
+
+def test_a_collector_is_a_candidate_beside_the_check_of_its_generation(make_run):
+    # iterate's collector is the centre after generation 20's update: not the centre checked at 20.
+    run = _run_with_checks(make_run, [300.0, 700.0])
+    collector = {"key": "collector 1", "params": np.full(P, 2, np.float32), "generation": 20,
+                 "real_score": 800.0, "m": None, "source": "collect"}
+    assert add_check(run, collector) and not add_check(run, dict(collector, real_score=0.0))  # once per key
+    assert [check_key(ch) for ch in load_state(run.path(STATE_FILE))["checks"]] == ["10", "20", "collector 1"]
+    game = FakeGame([0.0, 650.0, 900.0])
+    summary = select_controller(run, game)
+    assert sorted(i for i, _, _ in game.calls) == [1, 2]  # both generation-20 controllers played
+    assert summary["selected"] == "collector 1" and summary["candidates"] == {"collector 1": 900.0, "20": 650.0}
+    params, meta = load_controller(run.controller_path)
+    np.testing.assert_array_equal(params, np.full(P, 2, np.float32))
+    assert meta["check"] == "collector 1" and meta["dream_score"] is None and meta["generation"] == 20
+    again = FakeGame([0.0, 0.0, 0.0])
+    assert select_controller(run, again)["selected"] == "collector 1" and again.calls == []  # cached by key

@@ -126,6 +126,9 @@ class ControllerConfig:
     action_noise: float = _f(0.0, low=0.0, doc="std of Gaussian noise on C's actions (then clipped to the "
                              "action box), in the dream and in the real game alike: C is evolved and "
                              "evaluated as this stochastic policy; 0 = deterministic")
+    real_noise: float = _f(0.0, low=0.0, doc="std of Gaussian noise added to C's actions in the real game only, "
+                           "after M has observed the action (then clipped to the action box); the dream never "
+                           "sees it.  A play-time setting: checks, select, evaluate and watch use it")
     brake: str = _f("clip", choices=BRAKE_SQUASHES,
                     doc="CarRacing's brake from C's output y: clip(tanh y, 0, 1) as in the paper's code, "
                         "or (tanh y + 1) / 2 (half the brake at y = 0; agents/controller.py)")
