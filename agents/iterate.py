@@ -114,7 +114,7 @@ def _collector_check(run: Run, i: int, params: np.ndarray, meta: dict[str, Any],
         return
     add_check(run, {"key": f"collector {i}", "params": np.asarray(params, np.float32),
                     "generation": int(meta["generation"]), "real_score": float(collected["mean_return"]),
-                    "m": meta["m"], "source": "collect", "episodes": run.cfg.iterate.episodes})
+                    "m": meta["m"]})
 
 
 def _require_dream(run: Run) -> None:

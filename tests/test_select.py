@@ -163,7 +163,7 @@ def test_a_collector_is_a_candidate_beside_the_check_of_its_generation(make_run)
     # iterate's collector is the centre after generation 20's update: not the centre checked at 20.
     run = _run_with_checks(make_run, [300.0, 700.0])
     collector = {"key": "collector 1", "params": np.full(P, 2, np.float32), "generation": 20,
-                 "real_score": 800.0, "m": None, "source": "collect"}
+                 "real_score": 800.0, "m": None}
     assert add_check(run, collector) and not add_check(run, dict(collector, real_score=0.0))  # once per key
     assert [check_key(ch) for ch in load_state(run.path(STATE_FILE))["checks"]] == ["10", "20", "collector 1"]
     game = FakeGame([0.0, 650.0, 900.0])
