@@ -89,6 +89,11 @@ def m_snapshot_path(run: Run, m_id: str, member: int = 0) -> Path:
     return run.dir / M_HISTORY_DIR / (f"{m_id}.pt" if member == 0 else f"{m_id}.m{member}.pt")
 
 
+def current_m_id(run: Run) -> str:
+    """The fingerprint of the run's M as it is on disk now (``m.pt``): the name of its snapshot."""
+    return weights_fingerprint(load_world_model(run))
+
+
 def keep_m_snapshot(run: Run, m_id: str) -> None:
     """Copy the run's M files (every member of an ensemble) to ``m_history/`` (once), so that
     ``select`` can later play a controller checked with this M after ``iterate`` has trained M on.

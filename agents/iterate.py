@@ -41,10 +41,10 @@ import numpy as np
 from agents.cmaes import (
     STATE_FILE,
     add_check,
+    current_m_id,
     keep_m_snapshot,
     load_state,
     restart_search,
-    weights_fingerprint,
 )
 from agents.collect import collect_agent
 from agents.controller import load_controller, save_controller
@@ -87,13 +87,11 @@ def _collector(run: Run, i: int) -> tuple[np.ndarray, dict[str, Any]]:
     """The controller that collects iteration ``i``'s episodes and its metadata (``generation``;
     ``m``, the fingerprint of the M it plays with, kept in ``m_history/``): the centre when the
     iteration began, kept in ``collectors/iteration_<i>.pt`` for a resumed iteration."""
-    from envs.dream import load_world_model
-
     path = run.dir / COLLECTORS_DIR / f"iteration_{i}.pt"
     if path.exists():
         return load_controller(path)
     params, generation = _current_controller(run)
-    m_id = weights_fingerprint(load_world_model(run))
+    m_id = current_m_id(run)
     keep_m_snapshot(run, m_id)
     meta = {"iteration": i, "generation": generation, "m": m_id}
     path.parent.mkdir(exist_ok=True)

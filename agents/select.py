@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.cmaes import STATE_FILE, EvaluateFn, check_key, load_state, m_snapshot_path, weights_fingerprint
+from agents.cmaes import STATE_FILE, EvaluateFn, check_key, current_m_id, load_state, m_snapshot_path
 from agents.controller import load_controller, save_controller
-from envs.dream import load_world_model
 from worldmodel.config import LEGACY_BRAKE
 from worldmodel.io import atomic_path, write_json
 from worldmodel.runs import Run
@@ -84,7 +83,7 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None
         return {"selected": "skipped (no real checks to choose from)"}
     if any(ch.get("m") for ch in checks):  # runs from before checks named their M: all count
         if m_id is None:
-            m_id = weights_fingerprint(load_world_model(run))
+            m_id = current_m_id(run)
         checks = [ch for ch in checks if ch.get("m") == m_id or m_snapshot_path(run, ch["m"]).exists()]
         if not checks:
             return {"selected": "skipped (no real check was played with the current M or a kept one; "
