@@ -1,0 +1,65 @@
+"""How good was ``select``'s pick?  Its candidates, each with the M it was checked with, on other seeds.
+
+    python scripts/select_candidates.py --run runs/tc12 [--episodes 100] [--seed 10000]
+
+``select`` (agents/select.py) plays the ``cmaes.select_top`` best real checks on
+``cmaes.select_episodes`` fresh episodes and keeps the best.  This script plays the same
+candidates on ``--episodes`` episodes from ``--seed`` (default: the evaluation seeds) and prints
+each one's mean beside its check and its selection score.  A diagnostic only: it changes
+nothing in the run, and a controller must never be picked on the evaluation seeds.
+Results: docs/results.md, run tc12 ("How good is select's pick?").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a run folder after `select`")
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=10_000, help="first seed (default eval.seed)")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args()
+
+    from agents.cmaes import STATE_FILE, check_key, current_m_id, load_state, m_snapshot_path
+    from agents.evaluate import evaluate_params
+    from agents.select import SELECT_FILE
+    from worldmodel.errors import UserError
+    from worldmodel.runs import open_run
+
+    try:
+        if args.episodes < 1:
+            raise UserError(f"--episodes {args.episodes}: must be at least 1")
+        run = open_run(args.run, None, create=False)
+        if not run.path(STATE_FILE).exists():
+            raise UserError(f"{run.path(STATE_FILE)}: not found (run `dream` first)")
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+    checks = load_state(run.path(STATE_FILE)).get("checks", [])
+    m_id = current_m_id(run)
+    # As select does: checks whose M is the current one or was kept in m_history.
+    checks = [ch for ch in checks if ch.get("m") in (None, m_id) or m_snapshot_path(run, ch["m"]).exists()]
+    top = sorted(checks, key=lambda ch: -ch["real_score"])[: run.cfg.cmaes.select_top]
+    selected = {}
+    if run.path(SELECT_FILE).exists():
+        for scores in json.loads(run.path(SELECT_FILE).read_text()).values():
+            selected.update({key: v["mean"] for key, v in scores.items()})
+    print(f"candidate    real check   select's score   {args.episodes} episodes from seed {args.seed}")
+    for check in top:
+        m_path = m_snapshot_path(run, check["m"]) if check.get("m") not in (None, m_id) else None
+        returns = np.asarray(evaluate_params(run, check["params"].copy(), args.episodes, args.seed,
+                                             workers=args.workers, m_path=m_path))
+        key = check_key(check)
+        select_score = f"{selected[key]:.1f}" if key in selected else "-"
+        print(f"{key:>10}   {check['real_score']:10.1f}   {select_score:>14}   "
+              f"{returns.mean():.1f} ± {returns.std():.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
