@@ -42,7 +42,8 @@ SELECT_SEED_BASE = 2_000_000
 SELECT_FILE = "select.json"
 
 
-def _read_cache(run: Run) -> dict[str, Any]:
+def read_cache(run: Run) -> dict[str, Any]:
+    """``select.json``: {episodes and how the agent acts: {check: its score there}}."""
     path = run.path(SELECT_FILE)
     try:
         cache = json.loads(path.read_text()) if path.exists() else {}
@@ -66,6 +67,24 @@ def _name(check: dict[str, Any]) -> str:
     return f"generation {key}" if key == str(check["generation"]) else key
 
 
+def candidates(run: Run, checks: list[dict[str, Any]], m_id: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """The ``cmaes.select_top`` best of ``checks`` that can be played again: every one for a run
+    from before checks named their M, else those checked with the current M (fingerprint ``m_id``;
+    None: computed from the run's M files) or with one kept in ``m_history/``.  Returns them best
+    check first, and ``m_id``."""
+    if any(ch.get("m") for ch in checks):
+        if m_id is None:
+            m_id = current_m_id(run)
+        checks = [ch for ch in checks if ch.get("m") == m_id or m_snapshot_path(run, ch["m"]).exists()]
+    return sorted(checks, key=lambda ch: -ch["real_score"])[: run.cfg.cmaes.select_top], m_id
+
+
+def earlier_m(run: Run, check: dict[str, Any], m_id: str | None) -> dict[str, Any]:
+    """``{"m_path": ...}`` for a check played with an M other than the current one, else {}:
+    the keyword arguments of :data:`EvaluateFn` that play its controller with its own M."""
+    return {"m_path": m_snapshot_path(run, check["m"])} if check.get("m") not in (None, m_id) else {}
+
+
 def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None) -> dict[str, Any]:
     """Play the best-checked controllers on fresh episodes; write the winner to ``controller.pt``.
 
@@ -81,22 +100,18 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None
     checks = load_state(state_path).get("checks", [])
     if not checks:
         return {"selected": "skipped (no real checks to choose from)"}
-    if any(ch.get("m") for ch in checks):  # runs from before checks named their M: all count
-        if m_id is None:
-            m_id = current_m_id(run)
-        checks = [ch for ch in checks if ch.get("m") == m_id or m_snapshot_path(run, ch["m"]).exists()]
-        if not checks:
-            return {"selected": "skipped (no real check was played with the current M or a kept one; "
-                                "run `dream` on)"}
-    top = sorted(checks, key=lambda ch: -ch["real_score"])[: c.select_top]
+    top, m_id = candidates(run, checks, m_id)
+    if not top:
+        return {"selected": "skipped (no real check was played with the current M or a kept one; "
+                            "run `dream` on)"}
     seed = SELECT_SEED_BASE + c.seed
-    cache = _read_cache(run)
+    cache = read_cache(run)
     scores = cache.setdefault(_cache_key(run, seed), {})
     for check in top:
         key = check_key(check)
         if key not in scores or scores[key].get("m") != check.get("m"):
-            earlier = {"m_path": m_snapshot_path(run, check["m"])} if check.get("m") not in (None, m_id) else {}
-            returns = np.asarray(evaluate_fn(check["params"].copy(), c.select_episodes, seed, **earlier),
+            returns = np.asarray(evaluate_fn(check["params"].copy(), c.select_episodes, seed,
+                                             **earlier_m(run, check, m_id)),
                                  np.float64)
             scores[key] = {"mean": float(returns.mean()), "std": float(returns.std()),
                            "check_score": float(check["real_score"]), "m": check.get("m")}

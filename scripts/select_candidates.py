@@ -13,7 +13,6 @@ Results: docs/results.md, run tc12 ("How good is select's pick?").
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -27,9 +26,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
 
-    from agents.cmaes import STATE_FILE, check_key, current_m_id, load_state, m_snapshot_path
+    from agents.cmaes import STATE_FILE, check_key, load_state
     from agents.evaluate import evaluate_params
-    from agents.select import SELECT_FILE
+    from agents.select import candidates, earlier_m, read_cache
     from worldmodel.errors import UserError
     from worldmodel.runs import open_run
 
@@ -41,20 +40,12 @@ def main() -> None:
             raise UserError(f"{run.path(STATE_FILE)}: not found (run `dream` first)")
     except UserError as exc:
         sys.exit(f"error: {exc}")
-    checks = load_state(run.path(STATE_FILE)).get("checks", [])
-    m_id = current_m_id(run)
-    # As select does: checks whose M is the current one or was kept in m_history.
-    checks = [ch for ch in checks if ch.get("m") in (None, m_id) or m_snapshot_path(run, ch["m"]).exists()]
-    top = sorted(checks, key=lambda ch: -ch["real_score"])[: run.cfg.cmaes.select_top]
-    selected = {}
-    if run.path(SELECT_FILE).exists():
-        for scores in json.loads(run.path(SELECT_FILE).read_text()).values():
-            selected.update({key: v["mean"] for key, v in scores.items()})
+    top, m_id = candidates(run, load_state(run.path(STATE_FILE)).get("checks", []))
+    selected = {key: v["mean"] for scores in read_cache(run).values() for key, v in scores.items()}
     print(f"candidate    real check   select's score   {args.episodes} episodes from seed {args.seed}")
     for check in top:
-        m_path = m_snapshot_path(run, check["m"]) if check.get("m") not in (None, m_id) else None
         returns = np.asarray(evaluate_params(run, check["params"].copy(), args.episodes, args.seed,
-                                             workers=args.workers, m_path=m_path))
+                                             workers=args.workers, **earlier_m(run, check, m_id)))
         key = check_key(check)
         select_score = f"{selected[key]:.1f}" if key in selected else "-"
         print(f"{key:>10}   {check['real_score']:10.1f}   {select_score:>14}   "
