@@ -130,14 +130,18 @@ def dream_fitness(m: WorldModel, candidates: np.ndarray, spec: ControllerSpec, s
 
 # ----------------------------------------------------------------- state file
 
-def _new_es(num_params: int, c, restart: int = 0) -> cma.CMAEvolutionStrategy:
-    """A distribution centred on 0 with step size ``cmaes.sigma0``; ``restart`` k > 0 seeds its own draws."""
+def _new_es(num_params: int, c, restart: int = 0, mean: np.ndarray | None = None) -> cma.CMAEvolutionStrategy:
+    """A distribution centred on ``mean`` (None: 0) with step size ``cmaes.sigma0``; ``restart`` k > 0
+    seeds its own draws."""
     if c.sigma0 <= 0:
         raise UserError(f"config cmaes.sigma0: {c.sigma0} must be above 0")
     rng = np.random.RandomState([c.seed, restart] if restart else c.seed)
     opts = {"popsize": c.population, "seed": np.nan, "randn": rng.randn, "verbose": -9, "verb_log": 0,
             "verb_disp": 0}
-    return cma.CMAEvolutionStrategy(np.zeros(num_params), c.sigma0, opts)
+    x0 = np.zeros(num_params) if mean is None else np.asarray(mean, np.float64)
+    if x0.shape != (num_params,):
+        raise ValueError(f"restart mean has shape {x0.shape}, the search has {num_params} parameters")
+    return cma.CMAEvolutionStrategy(x0, c.sigma0, opts)
 
 
 def _new_state(num_params: int, c, brake: str | None = None) -> dict[str, Any]:
@@ -151,19 +155,31 @@ def _brake(spec: ControllerSpec) -> str | None:
     return spec.brake if spec.env == "carracing" else None
 
 
-def restart_search(run: Run, tag: int) -> bool:
-    """Start CMA-ES afresh in ``cmaes.pkl`` (mean 0, ``cmaes.sigma0``), once per ``tag``.
+def best_check(checks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The check with the best real score (the earliest of equals), or None."""
+    return max(checks, key=lambda ch: ch["real_score"], default=None)
 
-    The generation count, the real checks and the best controllers stay; only the search
-    distribution is new.  Returns False (and changes nothing) when ``tag`` already restarted
-    it, so a resumed iteration does not throw away the generations it has run since.
+
+def restart_search(run: Run, tag: int, best_above: float | None = None) -> bool:
+    """Start CMA-ES afresh in ``cmaes.pkl`` (step size ``cmaes.sigma0``), once per ``tag``.
+
+    The new distribution is centred on 0, or, given ``best_above``, on the controller of the best
+    real check so far when it scored above that (a dream's exploiter, worse than the policy
+    that collected the data, is no place to start).  The generation count, the real checks and the best
+    controllers stay; only the search distribution is new.  Returns False (and changes nothing)
+    when ``tag`` already restarted it, so a resumed iteration does not throw away the generations
+    it has run since.
     """
     path = run.path(STATE_FILE)
     state = load_state(path)
     restarts = state.setdefault("restarts", [])
     if tag in restarts:
         return False
-    state["es"] = _new_es(state["num_params"], run.cfg.cmaes, restart=tag)
+    best = best_check(state.get("checks", [])) if best_above is not None else None
+    if best is not None and not best["real_score"] > best_above:
+        best = None
+    state["es"] = _new_es(state["num_params"], run.cfg.cmaes, restart=tag,
+                          mean=None if best is None else best["params"])
     restarts.append(tag)
     _save_state(path, state)
     return True

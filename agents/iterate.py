@@ -16,8 +16,11 @@ agent alive).  Iterating closes that gap.  Iteration i (1 … ``iterate.iteratio
    weights and Adam state;
 4. **dream**: continue CMA-ES ``iterate.generations`` more generations in the new
    dream; its last generation is checked in the real game.  With ``iterate.restart``
-   the search starts afresh there (mean 0, ``cmaes.sigma0``; :func:`agents.cmaes.restart_search`),
-   so a centre saturated by an exploited dream does not carry over.
+   the search starts afresh there (``cmaes.sigma0``; :func:`agents.cmaes.restart_search`),
+   so a centre saturated by an exploited dream does not carry over: centred on 0, or with
+   ``iterate.restart_from: best`` on the best real check so far, which the new dream refines
+   (the real game picks where the search starts; the controller is still trained only in dreams),
+   when it beats the mean return of the ``collect`` stage's episodes (else from 0).
 
 Every count is cumulative: iteration i asks for ``collect.episodes + i × iterate.episodes``
 episodes, ``model.epochs + i × iterate.m_epochs`` M epochs, and so on.  So each step
@@ -48,6 +51,7 @@ from agents.cmaes import (
 )
 from agents.collect import collect_agent
 from agents.controller import load_controller, save_controller
+from worldmodel.episodes import episode_index, read_manifest
 from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, read_jsonl
 from worldmodel.runs import Run
@@ -115,6 +119,15 @@ def _collector_check(run: Run, i: int, params: np.ndarray, meta: dict[str, Any],
                     "m": meta["m"]})
 
 
+def _data_policy_return(run: Run) -> float:
+    """The mean return of the ``collect`` stage's episodes (held-random play, say), from the
+    episode manifest: a controller that does no better is not worth refining; -inf when unknown."""
+    episodes = read_manifest(run.episodes_dir)["episodes"]
+    returns = [e["return"] for name, e in episodes.items()
+               if episode_index(name) < run.cfg.collect.episodes and "return" in e]
+    return float(np.mean(returns)) if returns else float("-inf")
+
+
 def _require_dream(run: Run) -> None:
     state = run.path(STATE_FILE)
     if not state.exists():
@@ -163,7 +176,7 @@ def iterate(run: Run, workers: int | None = None, backend: str | None = None, sk
 
         start = time.perf_counter()
         if it.restart:
-            restart_search(cur, i)
+            restart_search(cur, i, best_above=_data_policy_return(run) if it.restart_from == "best" else None)
         dream_summary = dream(cur, workers=workers, backend=backend, progress=progress)
         seconds["dream"] = time.perf_counter() - start
 
@@ -173,6 +186,7 @@ def iterate(run: Run, workers: int | None = None, backend: str | None = None, sk
             "episodes": cur.cfg.collect.episodes,
             "collected_by": {"generation": generation, "noise": it.noise},
             "restarted": it.restart,
+            **({"restarted_from": it.restart_from} if it.restart else {}),
             "collect_return": collected["mean_return"],
             "m_val_loss": m_summary.get("val/loss"),
             "m_val_z_nll": m_summary.get("val/z_nll"),

@@ -162,12 +162,43 @@ def test_restart_search_recentres_once_per_tag_and_keeps_the_rest(iterated, tmp_
     assert restart_search(run, 2) and load_state(run.path(STATE_FILE))["restarts"] == [1, 2]
 
 
-def test_iterate_with_restart_starts_the_new_dream_from_zero(iterated, tmp_path, monkeypatch):
+def test_restart_search_from_best_centres_on_the_best_real_check(iterated, tmp_path):
+    _, _, before = iterated
+    folder = tmp_path / "run"
+    shutil.copytree(before, folder)
+    run = open_run(folder, None, [])
+    state = load_state(run.path(STATE_FILE))
+    rng = np.random.default_rng(0)
+    state["checks"] = [{"generation": g, "real_score": s, "params": rng.normal(size=state["num_params"])}
+                       for g, s in ((2, 100.0), (4, 300.0), (6, 200.0))]
+    _save_state(run.path(STATE_FILE), state)
+    assert restart_search(run, 1, best_above=250.0)
+    new = load_state(run.path(STATE_FILE))
+    np.testing.assert_allclose(new["es"].mean, state["checks"][1]["params"])
+    assert new["es"].sigma == pytest.approx(run.cfg.cmaes.sigma0)
+    assert restart_search(run, 2, best_above=300.0)  # no check beats the data's policy: from zero
+    assert np.all(load_state(run.path(STATE_FILE))["es"].mean == 0)
+    new = load_state(run.path(STATE_FILE))
+    new["checks"] = []  # no real check yet: from zero too
+    _save_state(run.path(STATE_FILE), new)
+    assert restart_search(run, 3, best_above=float("-inf"))
+    assert np.all(load_state(run.path(STATE_FILE))["es"].mean == 0)
+
+
+@pytest.mark.parametrize("start", ["zero", "best"])
+def test_iterate_with_restart_starts_the_new_dream_from_zero_or_the_best_check(iterated, tmp_path, monkeypatch,
+                                                                              start):
     run, _, _ = iterated
     folder = tmp_path / "run"
     shutil.copytree(run.dir, folder)
     done = len(read_jsonl(open_run(folder, None, []).metrics_path("iterate")))
-    more = open_run(folder, None, [f"iterate.iterations={done + 1}", "iterate.restart=true"])
+    more = open_run(folder, None, [f"iterate.iterations={done + 1}", "iterate.restart=true",
+                                   f"iterate.restart_from={start}"])
+    state = load_state(more.path(STATE_FILE))
+    assert state["checks"]  # the fixture's dream checked in the real game
+    best = np.random.default_rng(1).normal(size=state["num_params"]).astype(np.float32)
+    state["checks"].append({"generation": state["generation"], "key": "planted", "real_score": 1e9, "params": best})
+    _save_state(more.path(STATE_FILE), state)  # a check far above the random data's return
     import agents.pipeline as pipeline
 
     seen = []
@@ -179,9 +210,14 @@ def test_iterate_with_restart_starts_the_new_dream_from_zero(iterated, tmp_path,
 
     monkeypatch.setattr(pipeline, "dream", dream_spy)
     iterate(more, workers=1, progress=False)
-    assert len(seen) == 1 and np.all(seen[0] == 0)
+    assert len(seen) == 1
+    if start == "zero":
+        assert np.all(seen[0] == 0)
+    else:
+        np.testing.assert_allclose(seen[0], best, rtol=1e-6)
     assert load_state(more.path(STATE_FILE))["restarts"] == [done + 1]
-    assert read_jsonl(more.metrics_path("iterate"))[-1]["restarted"] is True
+    record = read_jsonl(more.metrics_path("iterate"))[-1]
+    assert record["restarted"] is True and record["restarted_from"] == start
 
 
 def test_a_resumed_iteration_reports_the_controller_that_collected(iterated, tmp_path, monkeypatch):

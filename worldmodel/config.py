@@ -176,6 +176,10 @@ class IterateConfig:
     restart: bool = _f(False, doc="start each iteration's CMA-ES afresh (mean 0, cmaes.sigma0) in the new dream: "
                                   "a centre saturated by an exploited dream may never leave it (docs/results.md, "
                                   "run tj)")
+    restart_from: str = _f("zero", choices=("zero", "best"),
+                           doc="with iterate.restart, the new search's mean: zero, or the controller of the "
+                               "best real check so far when it beats the mean return of the collect stage's "
+                               "episodes (the search then refines it in the new dream)")
 
 
 @dataclass
