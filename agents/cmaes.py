@@ -176,10 +176,8 @@ def restart_search(run: Run, tag: int, best_above: float | None = None) -> bool:
     if tag in restarts:
         return False
     best = best_check(state.get("checks", [])) if best_above is not None else None
-    if best is not None and not best["real_score"] > best_above:
-        best = None
-    state["es"] = _new_es(state["num_params"], run.cfg.cmaes, restart=tag,
-                          mean=None if best is None else best["params"])
+    mean = best["params"] if best is not None and best["real_score"] > best_above else None
+    state["es"] = _new_es(state["num_params"], run.cfg.cmaes, restart=tag, mean=mean)
     restarts.append(tag)
     _save_state(path, state)
     return True

@@ -105,6 +105,11 @@ def _summary(path: Path) -> dict:
             "terminated": bool(data["terminated"][-1])}
 
 
+def manifest_returns(entries: dict, folder: Path, indices: range) -> list[float]:
+    """The returns the manifest's ``entries`` record for episodes ``indices`` (those it has)."""
+    return [entries[p.name]["return"] for i in indices if (p := episode_path(folder, i)).name in entries]
+
+
 def sync_manifest(folder: Path) -> dict:
     """The manifest, with entries for files it missed and none for files that are gone."""
     manifest = read_manifest(folder)
@@ -179,8 +184,7 @@ def _collect(run: Run, indices: range, extra: dict, workers: int | None, backend
             write_manifest(folder, manifest)
     elapsed = time.perf_counter() - start
     entries = manifest["episodes"]
-    returns = [entries[p.name]["return"] for i in indices
-               if (p := episode_path(folder, i)).name in entries]
+    returns = manifest_returns(entries, folder, indices)
     return {
         "episodes": len(entries),
         "new_episodes": len(tasks),

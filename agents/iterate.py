@@ -49,9 +49,9 @@ from agents.cmaes import (
     load_state,
     restart_search,
 )
-from agents.collect import collect_agent
+from agents.collect import collect_agent, manifest_returns
 from agents.controller import load_controller, save_controller
-from worldmodel.episodes import episode_index, read_manifest
+from worldmodel.episodes import read_manifest
 from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, read_jsonl
 from worldmodel.runs import Run
@@ -122,9 +122,8 @@ def _collector_check(run: Run, i: int, params: np.ndarray, meta: dict[str, Any],
 def _data_policy_return(run: Run) -> float:
     """The mean return of the ``collect`` stage's episodes (held-random play, say), from the
     episode manifest: a controller that does no better is not worth refining; -inf when unknown."""
-    episodes = read_manifest(run.episodes_dir)["episodes"]
-    returns = [e["return"] for name, e in episodes.items()
-               if episode_index(name) < run.cfg.collect.episodes and "return" in e]
+    folder = run.episodes_dir
+    returns = manifest_returns(read_manifest(folder)["episodes"], folder, range(run.cfg.collect.episodes))
     return float(np.mean(returns)) if returns else float("-inf")
 
 
