@@ -5,7 +5,9 @@ distribution mean (the *centre*), dreams ``rollouts`` times, all in one batched 
 :func:`envs.dream.dream_rollouts`.  Fitness is the mean dream return (pycma minimises,
 so it is told the negative).  Rollout j of every candidate starts from the same z and
 sees the same noise (common random numbers, fresh each generation), so candidates are
-compared on equal luck.
+compared on equal luck.  With ``cmaes.midway_starts``, the last of those rollouts start inside
+real episodes (:class:`envs.dream.MidwayStarts`, a pool of ``MIDWAY_POOL`` points built once
+per search from M and the run's latents), so the late game is trained as well as the first steps.
 
 Every ``eval_every`` generations (and at the last one) the centre — the current best
 estimate, as in the paper's code; the best single candidate's dream score is the max of
@@ -48,10 +50,20 @@ import torch
 from tqdm import tqdm
 
 from agents.controller import ControllerSpec, save_controller
-from envs.dream import DreamSettings, dream_rollouts, load_start_latents, load_world_model, sample_start_z
+from envs.dream import (
+    DreamSettings,
+    MidwayStarts,
+    dream_rollouts,
+    load_start_latents,
+    load_world_model,
+    midway_starts,
+    posterior_sample,
+    sample_start_z,
+)
 from worldmodel.config import LEGACY_BRAKE
 from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, atomic_path, write_text
+from worldmodel.latents import Latents, load_latents
 from worldmodel.m import WorldModel
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
@@ -69,6 +81,7 @@ STATE_VERSION = 1
 #: Seed handed to ``evaluate_fn`` (plus ``cmaes.seed``): the same episodes at every check,
 #: so real scores of different generations compare on equal luck.
 EVAL_SEED_BASE = 1_000_000
+MIDWAY_POOL = 512  # start points inside real episodes per search (cmaes.midway_starts)
 
 
 # ----------------------------------------------------------------- one generation
@@ -112,18 +125,29 @@ def generation_seed(seed: int, generation: int) -> int:
 
 
 def dream_fitness(m: WorldModel, candidates: np.ndarray, spec: ControllerSpec, settings: DreamSettings,
-                  starts: torch.Tensor, rollouts: int, generator: torch.Generator) -> tuple[np.ndarray, float, int]:
+                  starts: torch.Tensor, rollouts: int, generator: torch.Generator,
+                  midway: MidwayStarts | None = None, n_midway: int = 0) -> tuple[np.ndarray, float, int]:
     """Mean dream return of each candidate over ``rollouts`` common-noise dreams.
 
     candidates: (C, P) -> (fitness (C,), mean dream length, total dream steps).
-    Row i * rollouts + j of the batch is candidate i, rollout j, noise stream j.
+    Row i * rollouts + j of the batch is candidate i, rollout j, noise stream j.  The last
+    ``n_midway`` rollouts start at points of ``midway`` (the same points for every candidate).
     """
     device = starts.device
     n_cand = candidates.shape[0]
-    z0 = sample_start_z(starts, rollouts, generator).to(device)  # (R, Z)
+    z0 = sample_start_z(starts, rollouts - n_midway, generator).to(device)  # (R - k, Z)
+    state0 = elapsed = None
+    if n_midway:
+        idx = torch.randint(len(midway), (n_midway,), generator=generator).to(midway.latents.device)
+        z0 = torch.cat([z0, posterior_sample(midway.latents[idx], generator).to(device)])
+        state0 = tuple(torch.cat([s0, s[idx]]).repeat(n_cand, *[1] * (s.dim() - 1))
+                       for s0, s in zip(m.initial_state(rollouts - n_midway), midway.state))
+        elapsed = torch.cat([torch.zeros(rollouts - n_midway, dtype=torch.int64, device=device),
+                             midway.elapsed[idx].to(device)]).repeat(n_cand)
     params = torch.as_tensor(candidates, dtype=torch.float32, device=device).repeat_interleave(rollouts, 0)
     streams = torch.arange(rollouts, device=device).repeat(n_cand)
-    result = dream_rollouts(m, params, spec, z0.repeat(n_cand, 1), settings, generator, streams)
+    result = dream_rollouts(m, params, spec, z0.repeat(n_cand, 1), settings, generator, streams,
+                            state0=state0, elapsed=elapsed)
     fitness = result.returns.view(n_cand, rollouts).mean(1).cpu().numpy().astype(np.float64)
     return fitness, float(result.lengths.float().mean()), int(result.lengths.sum())
 
@@ -255,11 +279,13 @@ def _save_controllers(run: Run, state: dict, spec: ControllerSpec, settings: Dre
 # ----------------------------------------------------------------- the loop
 
 def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: bool = True, *,
-                     m: WorldModel | None = None, starts: torch.Tensor | None = None) -> dict[str, Any]:
+                     m: WorldModel | None = None, starts: torch.Tensor | None = None,
+                     data: Latents | None = None) -> dict[str, Any]:
     """Evolve C in the dream until ``cmaes.generations``; resume from ``cmaes.pkl`` if present.
 
     evaluate_fn(params (P,), episodes, seed) -> real returns; None skips real checks.
-    ``m`` / ``starts`` (E, 2, Z) default to the run's M and latents (tests pass their own).
+    ``m`` / ``starts`` (E, 2, Z) / ``data`` (the episodes that ``cmaes.midway_starts`` starts
+    dreams inside) default to the run's M and latents (tests pass their own).
     Returns a summary dict.
     """
     cfg, c = run.cfg, run.cfg.cmaes
@@ -273,6 +299,11 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
         raise UserError(f"config env.name {cfg.env.name!r}: the dream's reward comes from M's reward head, "
                         "but M was trained with model.predict_reward=false")
     spec = ControllerSpec.for_config(cfg, m)
+    n_midway = round(c.rollouts * c.midway_starts)
+    midway = None
+    if n_midway:  # a pure function of M, the data and the seed: a resumed search sees the same pool
+        data = data if data is not None else load_latents(run.latents_dir, cfg.vae.z_dim)
+        midway = midway_starts(m, data, MIDWAY_POOL, np.random.default_rng([c.seed, MIDWAY_POOL]))
     m_id = weights_fingerprint(m)
     if runs_own_m and evaluate_fn is not None:
         keep_m_snapshot(run, m_id)
@@ -290,7 +321,7 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
     bar = tqdm(total=c.generations, initial=start_generation, disable=not progress, desc="dream",
                unit="gen", dynamic_ncols=True)
     while state["generation"] < c.generations:
-        record = _one_generation(state, m, spec, settings, starts, c, evaluate_fn, m_id)
+        record = _one_generation(state, m, spec, settings, starts, c, evaluate_fn, m_id, midway, n_midway)
         _save_controllers(run, state, spec, settings)
         _save_state(state_path, state)
         append_jsonl(metrics_path, record)
@@ -320,7 +351,8 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
 
 
 def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: DreamSettings,
-                    starts: torch.Tensor, c, evaluate_fn: EvaluateFn | None, m_id: str) -> dict:
+                    starts: torch.Tensor, c, evaluate_fn: EvaluateFn | None, m_id: str,
+                    midway: MidwayStarts | None = None, n_midway: int = 0) -> dict:
     """Ask, dream, tell, maybe check the centre in the real game; updates ``state`` in place.
 
     ``m_id``: :func:`weights_fingerprint` of the M the real game's agent plays with; each check
@@ -331,7 +363,8 @@ def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: 
     solutions = es.ask()
     candidates = np.vstack([np.asarray(solutions), es.mean[None, :]])  # last row: the centre
     generator = torch.Generator(device="cpu").manual_seed(generation_seed(c.seed, generation))
-    fitness, mean_length, steps = dream_fitness(m, candidates, spec, settings, starts, c.rollouts, generator)
+    fitness, mean_length, steps = dream_fitness(m, candidates, spec, settings, starts, c.rollouts, generator,
+                                                midway, n_midway)
     es.tell(solutions, (-fitness[:-1]).tolist())
     pop, centre = fitness[:-1], float(fitness[-1])
     best_i = int(np.argmax(pop))

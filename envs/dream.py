@@ -21,6 +21,13 @@ sees the same start z and the same noise as every other candidate's rollout j, h
 many dreams have already ended; fitness differences then come from the controllers, not
 from luck.
 
+Dreams that start inside real episodes (``cmaes.midway_starts`` > 0): a dream from step 0
+with M's empty state must invent the late game (more imps, more fireballs) on its own, and
+M's dreams keep the death rate flat where the game's climbs (docs/results.md).  A
+:class:`MidwayStarts` pool holds points t0 inside real episodes, with M's state after it
+observed the real steps 0 … t0-1, exactly the state the agent's M has at t0 in the game;
+a dream from there plays on for at most ``max_steps - t0`` steps.
+
 Dream dropout (``cmaes.dream_dropout`` > 0): before the first step every stream draws
 one mask (``m.dropout_masks``), and its dreams run in that thinned M to the end.  Each
 rollout of a candidate is then a slightly different world (Wellmer & Kwok 2021), while
@@ -41,7 +48,8 @@ import torch
 from agents.controller import ControllerSpec, act_batched, action_space, add_action_noise
 from worldmodel.config import Config
 from worldmodel.errors import UserError
-from worldmodel.m import WorldModel
+from worldmodel.latents import Latents
+from worldmodel.m import State, WorldModel
 from worldmodel.runs import Run, open_run
 from worldmodel.torch_utils import rand, resolve_precision
 
@@ -106,9 +114,77 @@ def load_start_latents(run: Run | str | os.PathLike) -> torch.Tensor:
 def sample_start_z(starts: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
     """n start latents z0 = mu + σ·ε from random episodes.  starts: (E, 2, Z) -> (n, Z)."""
     idx = torch.randint(starts.shape[0], (n,), generator=generator, device=_gen_device(generator))
-    mu, logvar = starts[idx.to(starts.device)].unbind(1)
-    eps = rand((n, starts.shape[2]), generator, starts.device, normal=True)
+    return posterior_sample(starts[idx.to(starts.device)], generator)
+
+
+def posterior_sample(rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """z = mu + σ·ε for rows (n, 2, Z) of [mu, logvar] -> (n, Z)."""
+    mu, logvar = rows.unbind(1)
+    eps = rand(tuple(mu.shape), generator, rows.device, normal=True)
     return mu + torch.exp(0.5 * logvar) * eps
+
+
+@dataclass(frozen=True)
+class MidwayStarts:
+    """Points inside real episodes where dreams may start (``cmaes.midway_starts``).
+
+    latents (K, 2, Z): V's posterior [mu, logvar] at step t0 of the episode; state: M's state
+    after it observed the episode's steps 0 … t0-1 (a State of (K, ...) tensors, as in the
+    game); elapsed (K,) int64: t0, so a dream from there lasts at most max_steps - t0 steps.
+    """
+
+    latents: torch.Tensor
+    state: State
+    elapsed: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def pick_midway_points(lengths: np.ndarray, count: int, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` points (episode, t0), t0 uniform over the game's time, not over the data's steps.
+
+    t0 ~ U{1, …, longest - 2}, then an episode that was still going after step t0 + 1 (so it was
+    alive at t0), uniformly among those.  The late game, which the data holds few episodes of,
+    thus gets as many starts as the early game, which dreams from step 0 already cover.
+    lengths (E,) -> (episodes (count,), t0 (count,)), sorted by t0, longest first.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    longest = int(lengths.max(initial=0))
+    if longest < 3:
+        raise UserError(f"cmaes.midway_starts: the longest real episode has {longest} steps; "
+                        "a dream cannot start inside it (set cmaes.midway_starts to 0)")
+    order = np.argsort(lengths, kind="stable")
+    by_length = lengths[order]
+    t0 = np.sort(rng.integers(1, longest - 1, size=count))[::-1]
+    first = np.searchsorted(by_length, t0 + 2, side="left")  # episodes with length >= t0 + 2
+    pick = first + np.floor(rng.random(count) * (len(lengths) - first)).astype(np.int64)
+    return order[pick], t0.astype(np.int64)
+
+
+@torch.inference_mode()
+def midway_starts(m: WorldModel, data: Latents, count: int, rng: np.random.Generator) -> MidwayStarts:
+    """A pool of ``count`` starts inside the episodes of ``data``, M's state filtered up to each.
+
+    M observes each chosen episode from step 0 with z sampled from V's posterior (as M was
+    trained) and the real actions; the rows whose t0 is reached leave the batch, longest first.
+    """
+    episodes, t0 = pick_midway_points(data.lengths, count, rng)
+    device = next(m.parameters(), torch.zeros(0)).device
+    state = m.initial_state(count)
+    base = data.starts[episodes]
+    for t in range(int(t0[0])):
+        live = int(np.count_nonzero(t0 > t))  # t0 is sorted descending: rows [0, live) still filter
+        rows = base[:live] + t
+        mu, logvar = data.mu[rows], data.logvar[rows]
+        z = mu + np.exp(0.5 * logvar) * rng.standard_normal(mu.shape, dtype=np.float32)
+        a = torch.from_numpy(data.action[rows]).to(device)
+        head = m.observe(tuple(s[:live] for s in state), torch.from_numpy(z).to(device), a)
+        state = tuple(torch.cat([h, s[live:]]) if live < count else h for h, s in zip(head, state))
+    at = base + t0
+    latents = torch.from_numpy(np.stack([data.mu[at], data.logvar[at]], axis=1)).to(device)
+    return MidwayStarts(latents=latents, state=state, elapsed=torch.from_numpy(t0).to(device))
 
 
 def _gen_device(generator: torch.Generator | None) -> torch.device:
@@ -121,7 +197,8 @@ def _gen_device(generator: torch.Generator | None) -> torch.device:
 def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0: torch.Tensor,
                    settings: DreamSettings, generator: torch.Generator | None = None,
                    streams: torch.Tensor | None = None,
-                   policy: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> DreamResult:
+                   policy: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                   state0: State | None = None, elapsed: torch.Tensor | None = None) -> DreamResult:
     """Run N dreams to their end, each with its own controller.
 
     params: (N, P) controller weights; z0: (N, Z) start latents; ``policy(t, features)``, when
@@ -134,6 +211,10 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
     uniforms (S,) when ``settings.done == "sample"``, then the action noise (S, A) when
     ``settings.action_noise`` > 0), so the draws do not depend on how many dreams are
     still alive.
+    state0: M's state for each dream (None: ``m.initial_state(N)``); elapsed (N,) int64: steps
+    each dream's episode has already lasted (None: 0), so dream i lasts at most
+    ``max_steps - elapsed[i]`` steps (a :class:`MidwayStarts` point).  lengths count the
+    dream's own steps.
     """
     device = z0.device
     n = params.shape[0]
@@ -141,9 +222,10 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
     stream = None if streams is None else streams.to(device)
     rows = torch.arange(n, device=device)  # original index of each live dream
     returns = torch.zeros(n, device=device)
-    lengths = torch.full((n,), settings.max_steps, dtype=torch.int64, device=device)
+    limit = None if elapsed is None else (settings.max_steps - elapsed.to(device)).clamp(min=1)
+    lengths = torch.full((n,), settings.max_steps, dtype=torch.int64, device=device) if limit is None else limit.clone()
     terminated = torch.zeros(n, dtype=torch.bool, device=device)
-    p, z, state = params.to(device), z0, m.initial_state(n)
+    p, z, state = params.to(device), z0, m.initial_state(n) if state0 is None else state0
     masks = m.dropout_masks(n_streams, settings.dropout, generator) if settings.dropout > 0 else None
     if masks is not None and stream is not None:
         masks = masks.index_select(0, stream)
@@ -164,15 +246,17 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
         if settings.reward == "model":
             returns.index_add_(0, rows, r.to(returns.dtype))
         ended = settings.ended(d, u)
-        if not bool(ended.any()):
+        out = ended if limit is None else ended | (limit <= t + 1)  # died, or reached max_steps
+        if not bool(out.any()):
             continue
         lengths[rows[ended]] = t + 1
         terminated[rows[ended]] = True
-        keep = (~ended).nonzero().squeeze(1)
+        keep = (~out).nonzero().squeeze(1)
         if keep.numel() == 0:
             break
         state = tuple(s.index_select(0, keep) for s in state)
         z, p, rows = z.index_select(0, keep), p.index_select(0, keep), rows.index_select(0, keep)
+        limit = None if limit is None else limit.index_select(0, keep)
         stream = keep if stream is None else stream.index_select(0, keep)
         masks = None if masks is None else masks.index_select(0, keep)
     if settings.reward == "alive":

@@ -132,6 +132,31 @@ def test_killed_dream_resumes_with_the_same_cmaes_state(tmp_path):
     assert train(make_run(tmp_path / "b", generations=4))["resumed_from"] == 4
 
 
+def test_dreams_that_start_midway_resume_exactly_and_start_in_m_s_filtered_state(tmp_path):
+    from worldmodel.latents import Latents
+
+    lengths = np.array([30, 8, 40])
+    n = int(lengths.sum())
+    data = Latents(np.zeros((n, 3), np.float32), np.full((n, 3), -1.0, np.float32), np.zeros((n, 1), np.float32),
+                   np.zeros(n, np.float32), np.zeros(n, bool), np.array([0, 30, 38]), lengths, [])
+
+    def run_with(path, generations, midway):
+        run = make_run(path, generations=generations, population=6)
+        run.cfg.cmaes.rollouts, run.cfg.cmaes.midway_starts = 4, midway
+        return train(run, data=data)
+
+    run_with(tmp_path / "a", 4, 0.5)
+    run_with(tmp_path / "b", 2, 0.5)
+    assert run_with(tmp_path / "b", 4, 0.5)["resumed_from"] == 2
+    a, b = (_comparable(load_state(tmp_path / d / STATE_FILE)) for d in ("a", "b"))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[3] == b[3]
+    # LifeM's state is its step count: half the dreams start 1-37 steps in, so they end sooner.
+    run_with(tmp_path / "c", 4, 0.0)
+    midway, plain = (load_state(tmp_path / d / STATE_FILE)["history"] for d in ("a", "c"))
+    assert midway[0]["mean_length"] < plain[0]["mean_length"] - 2
+
+
 def test_resume_refuses_other_population_and_pretrained(tmp_path):
     train(make_run(tmp_path / "r", generations=1))
     with pytest.raises(UserError, match="population"):
@@ -180,6 +205,17 @@ def test_train_controller_loads_m_and_latents_from_the_run(tmp_path):
     summary = train_controller(run, progress=False)
     assert summary["generations"] == 2 and summary["num_params"] == (4 + 8) + 1
     load_controller(run.controller_path, expected_params=13)
+
+    # Dreams inside real episodes need the whole episodes: a latent file without actions is named.
+    cfg.cmaes.midway_starts, cfg.cmaes.generations = 0.5, 3
+    with pytest.raises(UserError, match="ep_000000.npz: latent file lacks action"):
+        train_controller(run, progress=False)
+    for i in range(3):
+        mu = np.random.default_rng(i).normal(size=(6, 4)).astype(np.float32)
+        np.savez(run.latents_dir / f"ep_{i:06d}.npz", mu=mu, logvar=np.zeros_like(mu),
+                 action=np.zeros((6, 1), np.float32), reward=np.zeros(6, np.float32),
+                 done=np.zeros(6, bool), terminated=np.zeros(6, bool))
+    assert train_controller(run, progress=False)["generations"] == 3
 
     cfg.env.name = "carracing"  # its dream reward comes from M, which here has no reward head
     cfg.model.predict_reward = False

@@ -17,10 +17,13 @@ from envs.dream import (
     dream_rollouts,
     load_start_latents,
     make_dream_env,
+    midway_starts,
+    pick_midway_points,
     sample_start_z,
 )
 from worldmodel import config as config_lib
 from worldmodel.errors import UserError
+from worldmodel.latents import Latents
 from worldmodel.m import WorldModel
 from worldmodel.mdnrnn import MDNRNN
 from worldmodel.vae import ConvVAE
@@ -346,3 +349,58 @@ def test_action_noise_is_drawn_per_stream_after_m_noise_and_clipped():
     quiet = dream_rollouts(m, params, spec, torch.zeros(4, 3), replace(settings, action_noise=0.0),
                            torch.Generator().manual_seed(5), streams)
     torch.testing.assert_close(quiet.returns, 6 * torch.tanh(torch.tensor([0.5, 0.5, 2.0, 0.5])))
+
+
+# ----------------------------------------------------------------- dreams that start inside real episodes
+
+def latents_of(lengths: list[int], z_dim: int = 4, seed: int = 0) -> Latents:
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = int(lengths.sum())
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return Latents(rng.standard_normal((n, z_dim), dtype=np.float32), np.full((n, z_dim), -40.0, np.float32),
+                   rng.uniform(-1, 1, (n, 1)).astype(np.float32), np.zeros(n, np.float32),
+                   np.zeros(n, bool), starts, lengths, [])
+
+
+def test_midway_points_are_uniform_over_game_time_and_inside_living_episodes():
+    lengths = np.array([10, 400, 30, 1000])
+    episodes, t0 = pick_midway_points(lengths, 4000, np.random.default_rng(0))
+    assert (t0 >= 1).all() and (t0 <= 998).all() and (np.diff(t0) <= 0).all()  # sorted, longest first
+    assert (lengths[episodes] >= t0 + 2).all()  # the episode was alive at t0 and one step more
+    assert (episodes[t0 > 398] == 3).all()  # only the longest episode reaches the late game
+    assert abs(np.mean(t0 > 499) - 0.5) < 0.05  # half the starts in the second half of the game
+    assert set(episodes[t0 < 8].tolist()) == {0, 1, 2, 3}
+    again = pick_midway_points(lengths, 4000, np.random.default_rng(0))
+    np.testing.assert_array_equal(again[0], episodes)
+    with pytest.raises(UserError, match="cmaes.midway_starts"):
+        pick_midway_points(np.array([2, 1]), 5, np.random.default_rng(0))
+
+
+def test_midway_state_is_m_filtered_over_the_real_steps_before_t0():
+    m = tiny_mdnrnn()
+    data = latents_of([12, 40, 25])  # logvar -40: z is mu, so the filter can be replayed exactly
+    pool = midway_starts(m, data, 16, np.random.default_rng(3))
+    episodes, t0 = pick_midway_points(data.lengths, 16, np.random.default_rng(3))
+    np.testing.assert_array_equal(pool.elapsed.numpy(), t0)
+    for k in range(16):
+        row = data.starts[episodes[k]]
+        state = m.initial_state(1)
+        for t in range(t0[k]):
+            state = m.observe(state, torch.from_numpy(data.mu[row + t][None]),
+                              torch.from_numpy(data.action[row + t][None]))
+        for got, want in zip(pool.state, state):
+            torch.testing.assert_close(got[k:k + 1], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(pool.latents[k, 0].numpy(), data.mu[row + t0[k]])
+
+
+def test_a_dream_that_starts_at_t0_lasts_at_most_max_steps_minus_t0():
+    m = FakeM(short=3, long=50)
+    spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
+    params = bias_params(spec, [1.0, 1.0, -1.0, 1.0])  # long, long, short, long
+    state0 = (torch.zeros(4, 2), torch.tensor([[0.0], [0.0], [0.0], [45.0]]))  # the last dream's M is 45 steps in
+    res = dream_rollouts(m, params, spec, torch.zeros(4, 3), DreamSettings(max_steps=20),
+                         torch.Generator().manual_seed(0), state0=state0, elapsed=torch.tensor([0, 16, 8, 5]))
+    assert res.lengths.tolist() == [20, 4, 3, 5]  # cap, cap 20 - 16, died, M's clock ends it at 50
+    assert res.terminated.tolist() == [False, False, True, True]
+    assert res.returns.tolist() == [20.0, 4.0, 3.0, 5.0]

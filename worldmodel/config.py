@@ -158,6 +158,11 @@ class CMAESConfig:
     dream_dropout: float = _f(0.0, low=0.0, high=0.9, doc="each dream drops this share of M's z and h "
                                                            "inputs, one mask for its whole length: every "
                                                            "dream is a different M (Wellmer & Kwok 2021)")
+    midway_starts: float = _f(0.0, low=0.0, high=1.0,
+                              doc="share of each candidate's dreams that start inside a real episode, at a "
+                                  "step t0 uniform over the game's time, with M's state filtered over the "
+                                  "real steps before it (envs/dream.py MidwayStarts); 0 = every dream "
+                                  "starts at step 0")
     eval_every: int = _f(10, low=0, doc="real-env check of the best every N generations; 0 = never")
     eval_episodes: int = _f(8, low=1)
     select_top: int = _f(3, low=1, doc="after training: how many of the best real checks to re-play")
