@@ -297,6 +297,28 @@ def test_traces_script_replays_the_evaluated_episodes(tiny, evaluated, tmp_path)
         assert png.stat().st_size > 0
 
 
+def test_branches_script_replays_each_death_exactly(tiny, evaluated, tmp_path):
+    """scripts/takecover_branches.py plays evaluate's episodes; a replay of a death's actions dies at the
+    same step; holding the agent's own button over its last step kills again."""
+    _, report = evaluated
+    out = tmp_path / "branches.json"
+    result = subprocess.run([sys.executable, "scripts/takecover_branches.py", "--run", str(tiny["run"].dir),
+                             "--episodes", str(EPISODES), "--seed", str(SEED), "--before", "1", "3", "--window", "5",
+                             "--dreams", "2", "--workers", "1", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    played = [line.split() for line in result.stdout.splitlines() if line.startswith("played seed")]
+    episodes = report["agent"]["episodes_detail"]
+    assert [(int(r[2].rstrip(":")), int(r[3])) for r in played] == [(e["seed"], e["steps"]) for e in episodes]
+    rows = json.loads(out.read_text())["rows"]
+    died = {e["seed"] for e in episodes if e["steps"] < MAX_STEPS}
+    assert died and {r["seed"] for r in rows} == died
+    assert all(r["deterministic"] for r in rows)
+    last = [r for r in rows if r["k"] == 1]
+    assert len(last) == len(died) and not any(r["escaped"][r["press"]] for r in last)
+    assert all(0.0 <= p <= 1.0 for r in rows for p in r["dream"].values())
+
+
 def test_dream_baselines_script_scores_the_pacer_as_evaluate_does(tiny, tmp_path):
     """scripts/dream_baselines.py plays evaluate's dreams: its pacer line is dream_score's."""
     from agents.evaluate import dream_score

@@ -143,6 +143,8 @@ def test_features_shapes():
     state, z = m.initial_state(6), torch.randn(6, Z)
     assert m.features(state, z, "zh").shape == (6, m.feature_dim("zh")) == (6, Z + H)
     assert m.features(state, z, "zch").shape == (6, m.feature_dim("zch")) == (6, Z + 2 * H)
+    torch.testing.assert_close(m.features(state, z, "z"), z)  # the paper's ablation: C on z alone
+    assert m.feature_dim("z") == Z
     with pytest.raises(ValueError):
         m.features(state, z, "hz")
 

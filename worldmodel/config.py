@@ -120,7 +120,7 @@ LEGACY_BRAKE = "shift"
 
 @dataclass
 class ControllerConfig:
-    features: str = _f("zh", choices=("zh", "zch"), doc="what C sees: [z, h] or [z, c, h]")
+    features: str = _f("zh", choices=("z", "zh", "zch"), doc="what C sees: z alone, [z, h] or [z, c, h]")
     real_z: str = _f("mean", choices=("mean", "sample"),
                      doc="in the real env, z is V's posterior mean or a sample from it (as M was trained)")
     action_noise: float = _f(0.0, low=0.0, doc="std of Gaussian noise on C's actions (then clipped to the "

@@ -69,7 +69,7 @@ class WorldModel(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def feature_dim(self, mode: str) -> int:
-        """Width of :meth:`features` for ``mode`` (``controller.features``: "zh" or "zch")."""
+        """Width of :meth:`features` for ``mode`` (``controller.features``: "z", "zh" or "zch")."""
 
     @abc.abstractmethod
     def features(self, state: State, z: torch.Tensor, mode: str) -> torch.Tensor:
@@ -141,17 +141,20 @@ class WorldModel(nn.Module, abc.ABC):
 
 
 def hidden_parts(mode: str) -> int:
-    """How many of M's recurrent (h, c) the controller sees: 1 for "zh" ([z, h]), 2 for "zch" ([z, c, h])."""
+    """How many of M's recurrent (h, c) the controller sees: 0 for "z" (z alone, the paper's ablation),
+    1 for "zh" ([z, h]), 2 for "zch" ([z, c, h])."""
+    if mode == "z":
+        return 0
     if mode == "zh":
         return 1
     if mode == "zch":
         return 2
-    raise ValueError(f"unknown feature mode {mode!r} (expected 'zh' or 'zch')")
+    raise ValueError(f"unknown feature mode {mode!r} (expected 'z', 'zh' or 'zch')")
 
 
 def controller_features(z: torch.Tensor, h: torch.Tensor, c: torch.Tensor, mode: str) -> torch.Tensor:
-    """What C sees: z (B, Z), h, c (B, H) -> [z, h] (B, Z+H) for "zh", [z, c, h] (B, Z+2H) for "zch"."""
-    return torch.cat([z, h] if hidden_parts(mode) == 1 else [z, c, h], dim=-1)
+    """What C sees: z (B, Z), h, c (B, H) -> z for "z", [z, h] (B, Z+H) for "zh", [z, c, h] (B, Z+2H) for "zch"."""
+    return torch.cat([[z], [z, h], [z, c, h]][hidden_parts(mode)], dim=-1)
 
 
 def build_m(cfg: Config, z_dim: int, action_dim: int) -> WorldModel:
