@@ -218,8 +218,11 @@ def main() -> None:
 
 
 def press(action: float) -> str:
-    """The hold that repeats ``action``'s button."""
-    return "left" if action < -1 / 3 else "right" if action > 1 / 3 else "stay"
+    """The hold that repeats ``action``'s button (the game's own mapping, envs.takecover.discretize)."""
+    from envs.takecover import discretize
+
+    left, right = discretize(float(action))
+    return "left" if left else "right" if right else "stay"
 
 
 def relative(row: dict) -> dict[str, str]:
