@@ -42,6 +42,7 @@ class Agent:
         self.real_z = real_z
         self.action_noise, self.real_noise = float(action_noise), float(real_noise)
         self.state: State = ()
+        self.last_z: torch.Tensor | None = None  # the z's M observed at the last act (B, Z)
         self.generators: list[torch.Generator] = []
 
     @classmethod
@@ -100,7 +101,7 @@ class Agent:
         actions = act_batched(self.spec, self.params if self.per_env else self.params.expand(len(frames), -1), features)
         if self.action_noise > 0:  # M observes the action taken, as in the dream
             actions = add_action_noise(self.spec, actions, self.action_noise, self._normal(actions.shape[1]))
-        self.state = self.m.observe(self.state, z, actions)
+        self.state, self.last_z = self.m.observe(self.state, z, actions), z
         if self.real_noise > 0:  # after M has observed: noise of the real game alone
             actions = add_action_noise(self.spec, actions, self.real_noise, self._normal(actions.shape[1]))
         return actions.cpu().numpy()

@@ -80,18 +80,16 @@ def play(env, agent, seed: int, keep: int, dream_m=None) -> dict:
     and actions from its own initial state."""
     import torch
 
-    from worldmodel.vae import preprocess
-
     frame, _ = env.reset(seed=seed)
     agent.reset(1, [seed])
     state = None if dream_m is None else dream_m.initial_state(1)
     recent, actions = deque(maxlen=keep), []
     terminated = truncated = False
     while not (terminated or truncated):
-        with torch.inference_mode():
-            z = agent.vae.encode(preprocess(frame[None], agent.device))[0]  # (1, Z): V's mean
-        recent.append((tuple(s.clone() for s in (agent.state if dream_m is None else state)), z))
+        before = tuple(s.clone() for s in (agent.state if dream_m is None else state))
         a = agent.act(frame[None])
+        z = agent.last_z  # (1, Z): the frame's z, as the agent's M observed it
+        recent.append((before, z))
         if dream_m is not None:
             with torch.inference_mode():
                 state = dream_m.observe(state, z, torch.as_tensor(a))

@@ -28,6 +28,7 @@ from worldmodel.plots import plot_run
 from worldmodel.runs import open_run
 from worldmodel.train_m import train_m
 from worldmodel.train_vae import train_vae
+from worldmodel.vae import preprocess
 
 ITERATE = ("iterate.iterations=2", "iterate.episodes=2", "iterate.m_epochs=1", "iterate.generations=1",
            "iterate.noise=0", "cmaes.eval_every=0")
@@ -91,6 +92,9 @@ def test_agent_episodes_are_played_by_the_controller(iterated):
     with torch.no_grad():
         replayed = np.concatenate([agent.act(frame[None]) for frame in episode["obs"]])
     np.testing.assert_allclose(replayed, episode["action"], atol=1e-5)
+    with torch.no_grad():
+        mu, _ = agent.vae.encode(preprocess(episode["obs"][-1:], agent.device))  # the z M observed last
+    torch.testing.assert_close(agent.last_z, mu)
     held_random = load_episode(sorted(list_episodes(run.episodes_dir))[0])
     agent.reset(1)
     replayed = np.concatenate([agent.act(frame[None]) for frame in held_random["obs"]])
