@@ -28,6 +28,7 @@ import atexit
 import json
 import sys
 from collections import deque
+from itertools import chain, repeat
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +56,11 @@ def replay(seed: int, actions: np.ndarray, hold: float | None = None, steps: int
     env = _env()
     env.reset(seed=seed)
     n = 0
-    for a in actions:
+    for a in chain(actions, repeat(hold, steps)):
         n += 1
         _, _, terminated, truncated, _ = env.step(np.array([a], np.float32))
         if terminated or truncated:
-            return n
-    for _ in range(steps):
-        n += 1
-        _, _, terminated, truncated, _ = env.step(np.array([hold], np.float32))
-        if terminated or truncated:
-            return n
+            break
     return n
 
 
@@ -148,6 +144,7 @@ def main() -> None:
     from envs.dream import DreamSettings, load_world_model
     from worldmodel.errors import UserError
     from worldmodel.runs import open_run
+    from worldmodel.vae import load_vae
 
     torch.set_num_threads(2)
     try:
@@ -157,7 +154,7 @@ def main() -> None:
         if run.cfg.env.name != "takecover":
             raise UserError(f"{args.run}: a {run.cfg.env.name} run; this script replays TakeCover")
         m = load_world_model(run).eval()
-        first = Agent.from_run(run.dir, run.cfg)
+        vae = load_vae(run.vae_path, run.cfg.vae.z_dim)
         spec = ControllerSpec.for_config(run.cfg, m)
         params, _ = load_controller(run.dir / "controller.pt", spec=spec)
         dream_run = dream_m = None
@@ -170,7 +167,7 @@ def main() -> None:
         sys.exit(f"error: {exc}")
     # The agent plays with the whole dream M: its features are member 0's, as with m.pt alone, and
     # its state then holds every member's, to start the dream branches from.
-    agent = Agent(first.vae, m, spec, np.asarray(params, np.float32), run.cfg.controller.features,
+    agent = Agent(vae, m, spec, np.asarray(params, np.float32), run.cfg.controller.features,
                   real_z=run.cfg.controller.real_z)
     settings = DreamSettings.from_config((dream_run or run).cfg)
     params_t = torch.as_tensor(np.asarray(params, np.float32)) if dream_m is None else None
@@ -184,28 +181,20 @@ def main() -> None:
     env.close()
 
     deaths = [e for e in episodes if e["died"]]
+    points = [(e, k, e["steps"] - k) for e in deaths for k in before if e["steps"] > k]  # branch at t = T - k >= 1
     tasks = [(("check", e["seed"]), e["seed"], e["actions"], None, 0) for e in deaths]
-    for e in deaths:
-        for k in before:
-            t = e["steps"] - k
-            if t < 1:
-                continue
-            for name, value in HOLDS.items():
-                tasks.append(((e["seed"], k, name), e["seed"], e["actions"][:t], value, k + args.window))
+    tasks += [((e["seed"], k, name), e["seed"], e["actions"][:t], value, k + args.window)
+              for e, k, t in points for name, value in HOLDS.items()]
     real = dict(result for _, result in run_tasks(_real_task, tasks, args.workers))
     rows = []
-    for e in deaths:
+    for e, k, t in points:
         deterministic = real[("check", e["seed"])] == e["steps"]
-        for k in before:
-            t = e["steps"] - k
-            if t < 1:
-                continue
-            state, z = e["recent"][-k]  # M's state before step t = T - k, and z_t
-            dream = dream_deaths(m if dream_m is None else dream_m, spec, settings, params_t, state, z, k + args.window, args.dreams,
-                                 e["seed"] * 100 + k)
-            escaped = {n: bool(real[(e["seed"], k, n)] >= t + k + args.window) for n in HOLDS}
-            rows.append({"seed": e["seed"], "k": k, "deterministic": bool(deterministic), "press": press(e["actions"][t]),
-                         "escaped": escaped, "dream": dream})
+        state, z = e["recent"][-k]  # M's state before step t = T - k, and z_t
+        dream = dream_deaths(m if dream_m is None else dream_m, spec, settings, params_t, state, z, k + args.window, args.dreams,
+                             e["seed"] * 100 + k)
+        escaped = {n: bool(real[(e["seed"], k, n)] >= t + k + args.window) for n in HOLDS}
+        rows.append({"seed": e["seed"], "k": k, "deterministic": bool(deterministic), "press": press(e["actions"][t]),
+                     "escaped": escaped, "dream": dream})
     n_det = sum(r["deterministic"] for r in rows if r["k"] == before[0])
     print(f"\n{len(episodes)} episodes, {len(deaths)} deaths; replaying the agent's actions ends at the same "
           f"step in {n_det} of {len({r['seed'] for r in rows})} (branches of the others are left out)")
@@ -258,6 +247,7 @@ def report(rows: list[dict], before: list[int], args) -> None:
         print(f"{k:3d} {len(sel):7d} | {esc['keep']:10.2f} {esc['stop']:5.2f} {esc['reverse']:5.2f} {anyone:4.2f} | "
               f"{agent:12.2f} {dr['keep']:5.2f} {dr['stop']:5.2f} {dr['reverse']:5.2f} | "
               f"{np.mean(pairs) if pairs else float('nan'):11.2f} ({len(pairs)})")
+
 
 if __name__ == "__main__":
     main()
