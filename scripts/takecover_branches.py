@@ -8,8 +8,9 @@ episode that ends in a death at step T and every k in ``--before``, it branches 
 
 - **in the game**: a fresh episode of the same seed replays the agent's actions 0 … t-1 (ViZDoom
   is deterministic for a seed and an action sequence; checked per episode by replaying all T
-  actions), then holds left, stay or right.  The branch *escapes* if it is alive k + ``--window``
-  steps after t.  The agent's own continuation dies at T by construction.
+  actions), then holds left, stay or right, in the game as the run plays it (its
+  ``env.frame_skip`` and ``env.max_steps``).  The branch *escapes* if it is alive k + ``--window``
+  steps after t (or at the step cap).  The agent's own continuation dies at T by construction.
 - **in the dream**: the run's dream M (all ensemble members, as CMA-ES dreams) starts from the
   state the agent's M had at t and V's z of frame t, and ``--dreams`` dreams (common noise across
   the branches) play the agent's controller, or hold left, stay or right, for the same k +
@@ -39,34 +40,39 @@ HOLDS = {"left": -1.0, "stay": 0.0, "right": 1.0}
 _ENV = None  # one ViZDoom per worker process
 
 
-def _env():
+def _env(frame_skip: int, max_steps: int):
     global _ENV
-    if _ENV is None:
+    if _ENV is None or (_ENV.frame_skip, _ENV.max_steps) != (frame_skip, max_steps):
         from envs.takecover import TakeCoverEnv
 
-        _ENV = TakeCoverEnv()
+        if _ENV is not None:
+            _ENV.close()
+        _ENV = TakeCoverEnv(frame_skip=frame_skip, max_steps=max_steps)
         atexit.register(_ENV.close)  # else ViZDoom's engine process outlives the worker
     return _ENV
 
 
-def replay(seed: int, actions: np.ndarray, hold: float | None = None, steps: int = 0) -> int:
-    """Replay ``actions`` on ``seed``, then hold ``hold`` for ``steps`` steps.
+def replay(seed: int, actions: np.ndarray, hold: float | None = None, steps: int = 0,
+           frame_skip: int = 1, max_steps: int = 2100) -> tuple[int, bool]:
+    """Replay ``actions`` on ``seed``, then hold ``hold`` for ``steps`` steps, in the game as the run
+    plays it (``env.frame_skip`` tics a step, ``env.max_steps`` steps at most).
 
-    Returns the number of steps the episode lasted (len(actions) + steps if it did not end)."""
-    env = _env()
+    Returns the steps played (len(actions) + steps unless the episode ended first) and whether the
+    player died (an episode cut by the step cap did not)."""
+    env = _env(frame_skip, max_steps)
     env.reset(seed=seed)
-    n = 0
+    n, terminated = 0, False
     for a in chain(actions, repeat(hold, steps)):
         n += 1
         _, _, terminated, truncated, _ = env.step(np.array([a], np.float32))
         if terminated or truncated:
             break
-    return n
+    return n, bool(terminated)
 
 
 def _real_task(task: tuple) -> tuple:
-    key, seed, prefix, hold, steps = task
-    return key, replay(seed, prefix, hold, steps)
+    key, seed, prefix, hold, steps, game = task
+    return key, replay(seed, prefix, hold, steps, *game)
 
 
 def play(env, agent, seed: int, keep: int, dream_m=None) -> dict:
@@ -182,17 +188,18 @@ def main() -> None:
 
     deaths = [e for e in episodes if e["died"]]
     points = [(e, k, e["steps"] - k) for e in deaths for k in before if e["steps"] > k]  # branch at t = T - k >= 1
-    tasks = [(("check", e["seed"]), e["seed"], e["actions"], None, 0) for e in deaths]
-    tasks += [((e["seed"], k, name), e["seed"], e["actions"][:t], value, k + args.window)
+    game = (run.cfg.env.frame_skip, run.cfg.env.max_steps)
+    tasks = [(("check", e["seed"]), e["seed"], e["actions"], None, 0, game) for e in deaths]
+    tasks += [((e["seed"], k, name), e["seed"], e["actions"][:t], value, k + args.window, game)
               for e, k, t in points for name, value in HOLDS.items()]
     real = dict(result for _, result in run_tasks(_real_task, tasks, args.workers))
     rows = []
     for e, k, t in points:
-        deterministic = real[("check", e["seed"])] == e["steps"]
+        deterministic = real[("check", e["seed"])] == (e["steps"], True)
         state, z = e["recent"][-k]  # M's state before step t = T - k, and z_t
         dream = dream_deaths(m if dream_m is None else dream_m, spec, settings, params_t, state, z, k + args.window, args.dreams,
                              e["seed"] * 100 + k)
-        escaped = {n: bool(real[(e["seed"], k, n)] >= t + k + args.window) for n in HOLDS}
+        escaped = {n: not real[(e["seed"], k, n)][1] for n in HOLDS}  # alive k + window steps later
         rows.append({"seed": e["seed"], "k": k, "deterministic": bool(deterministic), "press": press(e["actions"][t]),
                      "escaped": escaped, "dream": dream})
     n_det = sum(r["deterministic"] for r in rows if r["k"] == before[0])

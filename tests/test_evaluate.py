@@ -319,6 +319,36 @@ def test_branches_script_replays_each_death_exactly(tiny, evaluated, tmp_path):
     assert all(0.0 <= p <= 1.0 for r in rows for p in r["dream"].values())
 
 
+def test_branches_replay_plays_the_run_s_frame_skip_and_step_cap():
+    """A replay plays the game as the run does: with 2 tics a step, the same actions end at the same
+    step as the episode they came from, and a hold that reaches the step cap has not died."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("takecover_branches", ROOT / "scripts" / "takecover_branches.py")
+    branches = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(branches)
+    env = envs.make("takecover", frame_skip=2, max_steps=400)
+    rng = np.random.default_rng(0)
+    try:
+        env.reset(seed=SEED)
+        actions, terminated = [], False
+        while not terminated:  # held-random play until a death (about 120 steps at 2 tics a step)
+            a = float(rng.choice([-1.0, 0.0, 1.0]))
+            for _ in range(int(rng.integers(1, 10))):
+                actions.append(a)
+                _, _, terminated, truncated, _ = env.step(np.array([a], np.float32))
+                assert not truncated
+                if terminated:
+                    break
+    finally:
+        env.close()
+    replays = [branches.replay(SEED, np.array(actions, np.float32), frame_skip=2, max_steps=400) for _ in range(2)]
+    assert replays == [(len(actions), True)] * 2
+    # Stepping as fast as a 1-tic run moves the death (or the cap) elsewhere.
+    assert branches.replay(SEED, np.array(actions, np.float32), frame_skip=1, max_steps=400) != (len(actions), True)
+    assert branches.replay(SEED, np.zeros(0, np.float32), 0.0, 5, frame_skip=2, max_steps=5) == (5, False)
+
+
 def test_dream_baselines_script_scores_the_pacer_as_evaluate_does(tiny, tmp_path):
     """scripts/dream_baselines.py plays evaluate's dreams: its pacer line is dream_score's."""
     from agents.evaluate import dream_score
