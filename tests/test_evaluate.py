@@ -327,25 +327,20 @@ def test_branches_replay_plays_the_run_s_frame_skip_and_step_cap():
     spec = importlib.util.spec_from_file_location("takecover_branches", ROOT / "scripts" / "takecover_branches.py")
     branches = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(branches)
+    from agents.collect import run_episode
+    from agents.policies import HeldRandomPolicy
+
     env = envs.make("takecover", frame_skip=2, max_steps=400)
-    rng = np.random.default_rng(0)
-    try:
-        env.reset(seed=SEED)
-        actions, terminated = [], False
-        while not terminated:  # held-random play until a death (about 120 steps at 2 tics a step)
-            a = float(rng.choice([-1.0, 0.0, 1.0]))
-            for _ in range(int(rng.integers(1, 10))):
-                actions.append(a)
-                _, _, terminated, truncated, _ = env.step(np.array([a], np.float32))
-                assert not truncated
-                if terminated:
-                    break
+    try:  # held-random play until a death (about 120 steps at 2 tics a step)
+        episode = run_episode(env, HeldRandomPolicy(env.action_space, 1, 10), SEED, 400)
     finally:
         env.close()
-    replays = [branches.replay(SEED, np.array(actions, np.float32), frame_skip=2, max_steps=400) for _ in range(2)]
+    assert episode["terminated"][-1]
+    actions = episode["action"][:, 0]
+    replays = [branches.replay(SEED, actions, frame_skip=2, max_steps=400) for _ in range(2)]
     assert replays == [(len(actions), True)] * 2
     # Stepping as fast as a 1-tic run moves the death (or the cap) elsewhere.
-    assert branches.replay(SEED, np.array(actions, np.float32), frame_skip=1, max_steps=400) != (len(actions), True)
+    assert branches.replay(SEED, actions, frame_skip=1, max_steps=400) != (len(actions), True)
     assert branches.replay(SEED, np.zeros(0, np.float32), 0.0, 5, frame_skip=2, max_steps=5) == (5, False)
 
 
