@@ -114,7 +114,7 @@ def keep_m_snapshot(run: Run, m_id: str) -> None:
     if m_snapshot_path(run, m_id).exists() or not run.m_path.exists():
         return
     m_snapshot_path(run, m_id).parent.mkdir(exist_ok=True)
-    for k in reversed(range(run.cfg.model.ensemble)):
+    for k in reversed(range(run.m_files)):
         with atomic_path(m_snapshot_path(run, m_id, k)) as tmp:
             shutil.copyfile(run.member_path(k), tmp)
 

@@ -121,7 +121,7 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None
     best = max(top, key=lambda ch: scores[check_key(ch)]["mean"])
     chosen = scores[check_key(best)]
     if best.get("m") not in (None, m_id):  # checked with an earlier M: the agent plays with that one
-        for k in range(run.cfg.model.ensemble):
+        for k in range(run.m_files):
             with atomic_path(run.member_path(k)) as tmp:
                 shutil.copyfile(m_snapshot_path(run, best["m"], k), tmp)
         print(f"   select: {_name(best)} was checked with an earlier M; "

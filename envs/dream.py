@@ -9,7 +9,9 @@ Two faces of one loop:
 - :class:`DreamEnv` is the same dream, one at a time, as a ``gymnasium.Env``.
 
 Reward: ``"alive"`` (TakeCover) gives +1 for every step, the last one included, so a
-dream's return is its length; ``"model"`` (CarRacing) sums M's predicted r_{t+1}.
+dream's return is its length; ``"model"`` (CarRacing) sums M's predicted r_{t+1};
+``"alive+model"`` (TakeCover with ``cmaes.hazard_penalty``) gives 1 + r_{t+1}, where M's r is
+the hazard critic's penalty (worldmodel/ensemble.py).
 Done: ``"threshold"`` ends a dream when P(d_{t+1}) > ``done_threshold``; ``"sample"``
 ends it when u < P(d_{t+1}) with u ~ U(0, 1).  The done rule is the dream's, not M's, so
 u is the dream's own draw (per stream, after M's noise), not part of M's noise.
@@ -72,8 +74,11 @@ class DreamSettings:
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> DreamSettings:
         c = cfg.cmaes
+        reward = REWARD_MODES[cfg.env.name]
+        if reward == "alive" and c.hazard_penalty > 0:
+            reward = "alive+model"
         base = cls(features=cfg.controller.features, temperature=c.temperature, max_steps=c.max_steps,
-                   done=c.done, done_threshold=c.done_threshold, reward=REWARD_MODES[cfg.env.name],
+                   done=c.done, done_threshold=c.done_threshold, reward=reward,
                    action_noise=cfg.controller.action_noise, dropout=c.dream_dropout)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -243,7 +248,7 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
             a = add_action_noise(spec, a, settings.action_noise, eps)
         thinned = {} if masks is None else {"dropout": masks}  # an M without dream dropout never sees it
         state, z, r, d = m.imagine_step(state, z, a, settings.temperature, noise=noise, **thinned)
-        if settings.reward == "model":
+        if settings.reward != "alive":
             returns.index_add_(0, rows, r.to(returns.dtype))
         ended = settings.ended(d, u)
         out = ended if limit is None else ended | (limit <= t + 1)  # died, or reached max_steps
@@ -261,6 +266,8 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
         masks = None if masks is None else masks.index_select(0, keep)
     if settings.reward == "alive":
         returns = lengths.to(returns.dtype)
+    elif settings.reward == "alive+model":
+        returns += lengths.to(returns.dtype)
     return DreamResult(returns=returns, lengths=lengths, terminated=terminated)
 
 
@@ -329,7 +336,7 @@ class DreamEnv(gym.Env):
             terminated = bool(self.settings.ended(d, u)[0])
             obs = self._obs()
         self._t += 1
-        reward = 1.0 if self.settings.reward == "alive" else float(r[0])
+        reward = {"alive": 1.0, "model": float(r[0]), "alive+model": 1.0 + float(r[0])}[self.settings.reward]
         truncated = not terminated and self._t >= self.settings.max_steps
         return obs, reward, terminated, truncated, {"done_prob": float(d[0])}
 
@@ -343,21 +350,25 @@ class DreamEnv(gym.Env):
 
 def load_world_model(run: Run, device: str | torch.device = "cpu") -> WorldModel:
     """The dream's M: ``run.m_path`` (written by ``python run.py train-rnn``), or, with
-    ``model.ensemble`` > 1, all the members behind one :class:`worldmodel.ensemble.Ensemble`."""
+    ``model.ensemble`` > 1 or a hazard critic, all the M's behind one
+    :class:`worldmodel.ensemble.Ensemble`."""
     from envs import action_dim
     from worldmodel.ensemble import Ensemble
     from worldmodel.train_m import load_m
 
     members = []
-    for k in range(run.cfg.model.ensemble):
+    for k in range(run.m_files):
         path = run.member_path(k)
         if not path.exists():
             raise UserError(f"{path}: no M; run `python run.py train-rnn` first")
         members.append(load_m(path, run.cfg, z_dim=run.cfg.vae.z_dim,
                               action_dim=action_dim(run.cfg.env.name), device=device))
+    critic = members.pop() if run.cfg.model.hazard_horizon else None
     m = members[0]
-    if len(members) > 1:
-        m = Ensemble(members, run.cfg.cmaes.disagreement, run.cfg.cmaes.ensemble_done).to(device)
+    if len(members) > 1 or critic is not None:
+        c = run.cfg.cmaes
+        m = Ensemble(members, c.disagreement, c.ensemble_done, critic, c.hazard_penalty,
+                     c.hazard_threshold).to(device)
     m.set_dream_precision(resolve_precision(run.cfg.system.precision, device))
     return m
 

@@ -171,3 +171,92 @@ def test_mdnrnn_members_judge_the_first_members_z():
             torch.testing.assert_close(judged, expected)
         torch.testing.assert_close(state[2], own[1][0][0])  # member 1's h
         z = z_next.clone()
+
+
+# ----------------------------------------------------------------- the hazard critic
+
+class HazardM(FakeM):
+    """A toy critic: P(death within its horizon) is ``right`` while a_0 > 0, else ``left``; never ends a dream."""
+
+    def __init__(self, right: float, left: float):
+        super().__init__()
+        self.right, self.left = right, left
+
+    def imagine_step(self, state, z, action, temperature, generator=None, noise=None):
+        state, z_next, _, _ = super().imagine_step(state, z, action, temperature, generator, noise)
+        hazard = torch.where(action[:, 0] > 0, self.right, self.left)
+        return state, z_next, torch.zeros_like(hazard), hazard
+
+
+def _critic_dream(penalty: float, threshold: float = 1.0):
+    ensemble = Ensemble([ScaledM(0.0, short=3, long=7)], critic=HazardM(right=0.3, left=0.05),
+                        hazard_penalty=penalty, hazard_threshold=threshold)
+    spec = ControllerSpec.for_env("takecover", ensemble.feature_dim("zh"))
+    return dream_rollouts(ensemble, bias_params(spec, [1.0, -1.0, 1.0]), spec, torch.zeros(3, 3),
+                          DreamSettings(max_steps=20, reward="alive+model"))
+
+
+def test_hazard_penalty_makes_a_step_in_danger_pay_less():
+    res = _critic_dream(penalty=2.0)
+    assert res.lengths.tolist() == [7, 3, 7]  # the critic ends nothing: the member's rule alone
+    # Right: 7 steps at 1 - 2 * 0.3; left: 3 steps at 1 - 2 * 0.05.
+    np.testing.assert_allclose(res.returns.numpy(), [7 * 0.4, 3 * 0.9, 7 * 0.4], rtol=1e-6)
+    # A step never pays less than nothing, so living on never costs.
+    np.testing.assert_allclose(_critic_dream(penalty=5.0).returns.numpy(), [0.0, 3 * 0.75, 0.0], atol=1e-6)
+
+
+def test_hazard_threshold_ends_the_dream_like_a_death():
+    res = _critic_dream(penalty=0.0, threshold=0.2)
+    assert res.lengths.tolist() == [1, 3, 1] and res.terminated.all()
+    np.testing.assert_allclose(res.returns.numpy(), [1.0, 3.0, 1.0])  # no penalty: 1 a step
+
+
+def test_a_penalty_needs_a_critic():
+    with pytest.raises(ValueError, match="hazard critic"):
+        Ensemble([ScaledM(0.0)], hazard_penalty=1.0)
+
+
+def test_train_m_trains_the_critic_on_deaths_within_its_horizon(tmp_path, monkeypatch):
+    import worldmodel.train_m as train_m_module
+
+    run = _run(tmp_path, overrides=["model.ensemble=2", "model.epochs=1", "model.hazard_horizon=4",
+                                    "cmaes.hazard_threshold=0.9", "env.name=carracing"])  # three actions
+    assert run.m_files == 3
+    seen = {}
+    real = train_m_module._train_member
+
+    def spy(run, member, train, val, *args):
+        seen[member] = train
+        return real(run, member, train, val, *args)
+
+    monkeypatch.setattr(train_m_module, "_train_member", spy)
+    train_m(run)
+    assert sorted(seen) == [0, 1, 2] and all(run.member_path(k).exists() for k in range(3))
+    assert len(read_jsonl(run.metrics_path("m2"))) == 1
+    deaths = np.flatnonzero(seen[0].terminated)
+    assert deaths.size and np.array_equal(seen[1].terminated, seen[0].terminated)
+    expected = np.zeros_like(seen[0].terminated)
+    for death in deaths:  # the step that kills and the 3 before it, inside the episode
+        start = seen[0].starts[np.searchsorted(seen[0].starts, death, side="right") - 1]
+        expected[max(start, death - 3): death + 1] = True
+    assert np.array_equal(seen[2].terminated, expected) and expected.sum() > deaths.size
+    m = load_world_model(run)
+    assert isinstance(m, Ensemble) and m.n_members == 2 and m.has_critic and len(m.members) == 3
+    assert (m.hazard_penalty, m.hazard_threshold) == (0.0, 0.9)
+    assert DreamSettings.from_config(run.cfg).reward == "model"
+
+
+def test_a_takecover_dream_with_a_hazard_penalty_pays_alive_plus_the_penalty(tmp_path):
+    run = _run(tmp_path, overrides=["model.hazard_horizon=8", "cmaes.hazard_penalty=3.0"], latents=False)
+    assert DreamSettings.from_config(run.cfg).reward == "alive+model"
+    assert DreamSettings.from_config(_run(tmp_path, latents=False, name="plain").cfg).reward == "alive"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cmaes.hazard_penalty=1.0"], "cmaes.hazard_penalty: 1.0 needs a hazard critic"),
+    (["cmaes.hazard_threshold=0.5"], "cmaes.hazard_threshold: 0.5 needs a hazard critic"),
+    (["env.name=carracing", "model.hazard_horizon=8", "cmaes.hazard_penalty=1.0"], "is for TakeCover"),
+])
+def test_hazard_settings_need_a_critic_and_takecover(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        _run(tmp_path, overrides=overrides)

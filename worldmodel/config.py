@@ -92,6 +92,10 @@ class ModelConfig:
     done_pos_weight: float = _f(10.0, low=0.0, doc="BCE weight of the (rare) done=1 class")
     done_horizon: int = _f(1, low=1, doc="the done head learns 'death within the next N steps' (1 = the next "
                                          "step, as the paper); a dream then ends up to N - 1 steps early")
+    hazard_horizon: int = _f(0, low=0, doc="> 0: train one more M after the ensemble, the hazard critic (the "
+                                           "last M file), whose done head learns 'death within the next N "
+                                           "steps'; the dream reads it through cmaes.hazard_penalty and "
+                                           "cmaes.hazard_threshold (worldmodel/ensemble.py); 0 = none")
     predict_reward: bool = _f(True, doc="train a reward head (off for TakeCover: +1 alive)")
     time_input: bool = _f(False, doc="mdnrnn: the LSTM also reads the episode's step t / env.max_steps, so "
                                      "M can learn a game that changes with time (TakeCover sends more "
@@ -151,6 +155,11 @@ class CMAESConfig:
                             doc="whose P(done) ends a dream (model.ensemble > 1): the first member's, the "
                                 "highest of the members' (the dream ends where any of them expects a death), "
                                 "or their mean; worldmodel/ensemble.py")
+    hazard_penalty: float = _f(0.0, low=0.0, doc="lambda: a TakeCover dream step pays 1 - min(1, lambda * P_H), "
+                                                  "P_H the hazard critic's P(death within model.hazard_horizon "
+                                                  "steps): a step in danger earns less, the dream goes on")
+    hazard_threshold: float = _f(1.0, low=0.0, high=1.0, doc="a dream also ends where the hazard critic's P_H "
+                                                             "exceeds this (1 = never)")
     done: str = _f("threshold", choices=("threshold", "sample"),
                    doc="how M's calibrated P(done) ends a dream: P > done_threshold, or a Bernoulli sample")
     done_threshold: float = _f(0.1, low=0.0, high=1.0,
@@ -351,6 +360,14 @@ def validate(cfg: Config) -> None:
     if cfg.cmaes.disagreement > 0 and (cfg.model.ensemble < 2 or not cfg.model.predict_reward):
         raise UserError(f"config cmaes.disagreement: {cfg.cmaes.disagreement} needs model.ensemble >= 2 "
                         f"(is {cfg.model.ensemble}) and model.predict_reward: true (is {cfg.model.predict_reward})")
+    hazard = {"hazard_penalty": cfg.cmaes.hazard_penalty > 0, "hazard_threshold": cfg.cmaes.hazard_threshold < 1}
+    for key, used in hazard.items():
+        if used and not cfg.model.hazard_horizon:
+            raise UserError(f"config cmaes.{key}: {getattr(cfg.cmaes, key)} needs a hazard critic "
+                            "(model.hazard_horizon > 0, is 0)")
+    if cfg.cmaes.hazard_penalty > 0 and cfg.env.name != "takecover":
+        raise UserError(f"config cmaes.hazard_penalty: {cfg.cmaes.hazard_penalty} is for TakeCover's survival "
+                        f"reward, not {cfg.env.name} (set it to 0)")
     if cfg.cmaes.ensemble_done != "first" and cfg.model.ensemble < 2:
         raise UserError(f"config cmaes.ensemble_done: {cfg.cmaes.ensemble_done} needs model.ensemble >= 2 "
                         f"(is {cfg.model.ensemble})")

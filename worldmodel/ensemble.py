@@ -18,11 +18,20 @@ controller evolved in it finds the places where M is sure, wrongly, that nobody 
 MOReL (Kidambi et al. 2020) ends a rollout where the models disagree), ``mean`` on their
 mean P(done); ``first`` (the default) leaves it to the first member.
 
+A hazard critic (``model.hazard_horizon`` = N) is one more M whose done head learns "death
+within the next N steps".  An M trained for the next step alone sees a death coming only a
+step or two ahead, and in TakeCover it rates running on as safer than the stop that dodges
+the fireball in flight; the critic looks further and points the right way more often
+(docs/results.md, "Could the agent have dodged?").  Its P_H reads the dream two ways: each
+step pays 1 - min(1, λ_H · P_H) instead of 1 (``cmaes.hazard_penalty``, returned here as the
+step's reward, -min(1, λ_H · P_H)), so a dream in danger earns less without ending; and
+P_H > ``cmaes.hazard_threshold`` ends the dream like a death.
+
 Only the first member (``m.pt``) moves the dream: its z sample, its done probability
 and its features for the controller, exactly as without an ensemble (and it alone is
 thinned by ``cmaes.dream_dropout``); the others
-(``m1.pt``, ``m2.pt``, ...) follow the same z's and actions with their own states, and
-only their rewards and done probabilities are used.  In the real game the agent needs the first member alone.
+(``m1.pt``, ``m2.pt``, ..., and the critic) follow the same z's and actions with their own
+states, and only their rewards and done probabilities are used.  In the real game the agent needs the first member alone.
 """
 
 from __future__ import annotations
@@ -36,18 +45,25 @@ from worldmodel.m import State, WorldModel
 class Ensemble(WorldModel):
     """K M's behind the :class:`WorldModel` interface of the dream (not trainable as one)."""
 
-    def __init__(self, members: list[WorldModel], disagreement: float = 0.0, done: str = "first"):
+    def __init__(self, members: list[WorldModel], disagreement: float = 0.0, done: str = "first",
+                 critic: WorldModel | None = None, hazard_penalty: float = 0.0, hazard_threshold: float = 1.0):
+        """``critic``: the hazard critic, judged after the members (its state comes last)."""
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
         if done not in ENSEMBLE_DONE_RULES:
             raise ValueError(f"done rule must be one of {ENSEMBLE_DONE_RULES}, got {done!r}")
+        if critic is None and (hazard_penalty > 0 or hazard_threshold < 1):
+            raise ValueError("a hazard penalty or threshold needs a hazard critic")
         self.done_rule = done
-        self.members = torch.nn.ModuleList(members)
+        self.n_members = len(members)
+        self.members = torch.nn.ModuleList(members + ([] if critic is None else [critic]))
+        self.has_critic = critic is not None
+        self.hazard_penalty, self.hazard_threshold = float(hazard_penalty), float(hazard_threshold)
         self.disagreement = float(disagreement)
         self.z_dim, self.action_dim = members[0].z_dim, members[0].action_dim
         self.predict_reward = all(getattr(m, "predict_reward", True) for m in members)
-        self._sizes = [len(m.initial_state(1)) for m in members]
+        self._sizes = [len(m.initial_state(1)) for m in self.members]
 
     @classmethod
     def from_config(cls, cfg, z_dim: int, action_dim: int) -> Ensemble:
@@ -98,6 +114,9 @@ class Ensemble(WorldModel):
             new_state += list(s)
             rewards.append(r)
             dones.append(d)
+        hazard = dones.pop() if self.has_critic else None
+        if self.has_critic:
+            rewards.pop()
         if len(rewards) > 1:
             stacked = torch.stack(rewards)
             reward = stacked.mean(0) - self.disagreement * stacked.std(0, unbiased=False)
@@ -105,6 +124,9 @@ class Ensemble(WorldModel):
                 done = torch.stack(dones).amax(0)
             elif self.done_rule == "mean":
                 done = torch.stack(dones).mean(0)
+        if hazard is not None:
+            reward = reward - (self.hazard_penalty * hazard).clamp_(max=1.0)
+            done = torch.where(hazard > self.hazard_threshold, torch.ones_like(done), done)
         return tuple(new_state), z_next, reward, done
 
     def loss(self, batch):

@@ -31,7 +31,7 @@ def _half(obj):
 def export_run(run: Run, out: str | Path, episodes: int = 2) -> dict:
     """Copy the trained agent of ``run`` into ``out`` (which must not hold another agent)."""
     out = Path(out)
-    members = [run.member_path(k) for k in range(run.cfg.model.ensemble)]  # watch dreams with all
+    members = [run.member_path(k) for k in range(run.m_files)]  # watch dreams with all
     needed = [run.vae_path, *members, run.controller_path]
     for path in needed:
         if not path.exists():

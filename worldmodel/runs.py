@@ -52,8 +52,14 @@ class Run:
         return self.dir / "m.pt"
 
     def member_path(self, k: int) -> Path:
-        """M number k of an ensemble (``model.ensemble``): m.pt, then m1.pt, m2.pt, ..."""
+        """M number k of an ensemble (``model.ensemble``): m.pt, then m1.pt, m2.pt, ...; the hazard
+        critic (``model.hazard_horizon``) is the file after the ensemble's."""
         return self.m_path if k == 0 else self.dir / f"m{k}.pt"
+
+    @property
+    def m_files(self) -> int:
+        """How many M files the run trains: the ensemble's members, then the hazard critic if any."""
+        return self.cfg.model.ensemble + (1 if self.cfg.model.hazard_horizon else 0)
 
     @property
     def controller_path(self) -> Path:

@@ -255,16 +255,23 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
     """Train M on the run's latents, resuming from ``m_ckpt.pt``; writes ``m.pt``.
 
     With ``model.ensemble`` = K > 1, K-1 more M's follow from seeds ``model.seed`` + k
-    (``m1.pt`` ...; worldmodel/ensemble.py).  Returns the first M's summary: epochs done,
-    last validation terms and done-head quality.
+    (``m1.pt`` ...; worldmodel/ensemble.py).  With ``model.hazard_horizon`` = N > 0 one more,
+    the hazard critic (``mK.pt``, seed ``model.seed`` + K), learns "death within the next N
+    steps" with its done head.  Returns the first M's summary: epochs done, last validation
+    terms and done-head quality.
     """
     cfg = run.cfg
     device = resolve_device(cfg.system.device)
     z_dim = vae_z_dim(run)
-    data = with_done_horizon(load_latents(run.latents_dir, z_dim, skip_bad=skip_bad), cfg.model.done_horizon)
+    data = load_latents(run.latents_dir, z_dim, skip_bad=skip_bad)
     train_ids, val_ids = split_episodes(data.n_episodes, cfg.model.val_fraction, cfg.model.seed)
-    train, val = data.subset(train_ids), (data.subset(val_ids) if len(val_ids) else None)
+    splits = data.subset(train_ids), (data.subset(val_ids) if len(val_ids) else None)
     del data
+
+    def labelled(horizon: int) -> tuple[Latents, Latents | None]:  # (train, val), done = death within horizon
+        return tuple(None if d is None else with_done_horizon(d, horizon) for d in splits)
+
+    train, val = labelled(cfg.model.done_horizon)
     precision = resolve_precision(cfg.system.precision, device)
     if precision is not None and device.type == "cpu" and not cpu_has_native_bf16():
         # oneDNN has no bfloat16 LSTM without AVX-512: nn.LSTM would fail to build its kernel.
@@ -272,6 +279,8 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
               "which this CPU lacks; M trains in float32")
         precision = None
     summaries = [_train_member(run, k, train, val, device, precision) for k in range(cfg.model.ensemble)]
+    if cfg.model.hazard_horizon:
+        _train_member(run, cfg.model.ensemble, *labelled(cfg.model.hazard_horizon), device, precision)
     plot_run(run, stages=("m",))
     print(_format_done(summaries[0]))
     return summaries[0]
@@ -286,7 +295,8 @@ def _train_member(run: Run, member: int, train: Latents, val: Latents | None,
     opt = torch.optim.Adam(m.parameters(), lr=cfg.model.lr)
     done_epochs = _load_resume(run, m, opt, train, member)
     metrics_path = run.metrics_path("m" if member == 0 else f"m{member}")
-    name = "" if member == 0 else f" (ensemble member {member})"
+    name = ("" if member == 0 else f" (ensemble member {member})" if member < cfg.model.ensemble
+            else f" (hazard critic, death within {cfg.model.hazard_horizon} steps)")
     record: dict[str, Any] = {}
     for epoch in range(done_epochs + 1, cfg.model.epochs + 1):
         t0 = time.time()
