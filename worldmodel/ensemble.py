@@ -58,12 +58,16 @@ class Ensemble(WorldModel):
         self.done_rule = done
         self.n_members = len(members)
         self.members = torch.nn.ModuleList(members + ([] if critic is None else [critic]))
-        self.has_critic = critic is not None
         self.hazard_penalty, self.hazard_threshold = float(hazard_penalty), float(hazard_threshold)
         self.disagreement = float(disagreement)
         self.z_dim, self.action_dim = members[0].z_dim, members[0].action_dim
         self.predict_reward = all(getattr(m, "predict_reward", True) for m in members)
         self._sizes = [len(m.initial_state(1)) for m in self.members]
+
+    @property
+    def has_critic(self) -> bool:
+        """Is the last of :attr:`members` a hazard critic?"""
+        return len(self.members) > self.n_members
 
     @classmethod
     def from_config(cls, cfg, z_dim: int, action_dim: int) -> Ensemble:
@@ -114,9 +118,10 @@ class Ensemble(WorldModel):
             new_state += list(s)
             rewards.append(r)
             dones.append(d)
-        hazard = dones.pop() if self.has_critic else None
-        if self.has_critic:
+        hazard = None
+        if self.has_critic:  # the critic judges apart from the members
             rewards.pop()
+            hazard = dones.pop()
         if len(rewards) > 1:
             stacked = torch.stack(rewards)
             reward = stacked.mean(0) - self.disagreement * stacked.std(0, unbiased=False)
