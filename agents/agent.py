@@ -7,6 +7,11 @@ C(M.features(state_t, z_t))`` (plus N(0, σ²) noise, clipped to the action box,
 ``controller.action_noise`` = σ > 0), then ``state_{t+1} = M.observe(state_t, z_t, a_t)``.
 The game then gets ``a_t`` plus N(0, ρ²) noise, clipped again, with ``controller.real_noise`` =
 ρ > 0: noise M does not observe, as the agent's collections in ``iterate`` get ``iterate.noise``.
+
+With ``controller.shield`` = m > 0 (TakeCover, a run with a hazard critic) the critic, which
+follows the game with M, also judges a_t before it is played: where its P(death within H steps)
+for a_t exceeds that of the safest hold (left, stay or right) by more than m, the agent holds that
+instead, and M observes the hold.
 """
 
 from __future__ import annotations
@@ -23,14 +28,19 @@ from worldmodel.m import State, WorldModel
 from worldmodel.train_m import load_m
 from worldmodel.vae import ConvVAE, load_vae, preprocess
 
+#: TakeCover's three holds, as the shield offers them: left, stay, right.
+HOLDS = torch.tensor([-1.0, 0.0, 1.0])
+
 
 class Agent:
     """V + M + C over a batch of environments (all on the CPU or all on one device)."""
 
     def __init__(self, vae: ConvVAE, m: WorldModel, spec: ControllerSpec, params: np.ndarray,
                  features: str, device: torch.device | str = "cpu", real_z: str = "mean",
-                 action_noise: float = 0.0, real_noise: float = 0.0):
-        """``params``: one controller (P,) for every environment, or one per environment (N, P)."""
+                 action_noise: float = 0.0, real_noise: float = 0.0, critic: WorldModel | None = None,
+                 shield: float = 0.0):
+        """``params``: one controller (P,) for every environment, or one per environment (N, P).
+        ``critic``: the run's hazard critic, which overrides C where ``shield`` > 0 says so."""
         params = np.asarray(params)
         if params.ndim not in (1, 2) or params.shape[-1] != spec.num_params:
             raise UserError(f"controller parameters of shape {params.shape}: this config expects "
@@ -41,7 +51,12 @@ class Agent:
         self.per_env = params.ndim == 2
         self.real_z = real_z
         self.action_noise, self.real_noise = float(action_noise), float(real_noise)
+        if shield > 0 and critic is None:
+            raise ValueError("a shield needs the hazard critic")
+        self.critic, self.shield = (critic, float(shield)) if shield > 0 else (None, 0.0)
         self.state: State = ()
+        self.critic_state: State = ()
+        self.overrides = 0  # actions the shield replaced since the last reset
         self.last_z: torch.Tensor | None = None  # the z's M observed at the last act (B, Z)
         self.generators: list[torch.Generator] = []
 
@@ -60,13 +75,22 @@ class Agent:
         vae = load_vae(run_dir / "vae.pt", cfg.vae.z_dim, device)
         m = load_m(Path(m_path) if m_path else run_dir / "m.pt", cfg, z_dim=cfg.vae.z_dim, device=device)
         spec = ControllerSpec.for_config(cfg, m)
+        critic = None
+        if cfg.controller.shield > 0:  # the critic file beside M's: mK.pt, or <id>.mK.pt in m_history/
+            k = cfg.model.ensemble
+            path = run_dir / f"m{k}.pt" if m_path is None else Path(m_path).with_name(f"{Path(m_path).stem}.m{k}.pt")
+            if not path.exists():
+                raise UserError(f"{path}: not found; controller.shield needs the hazard critic "
+                                "(model.hazard_horizon; `python run.py train-rnn` trains it)")
+            critic = load_m(path, cfg, z_dim=cfg.vae.z_dim, device=device)
         if params is None:
             path = run_dir / "controller.pt"
             if not path.exists():
                 raise UserError(f"{path}: not found; run `python run.py dream` first")
             params, _ = load_controller(path, spec=spec)
         return cls(vae, m, spec, np.asarray(params, np.float32), cfg.controller.features, device,
-                   cfg.controller.real_z, cfg.controller.action_noise, cfg.controller.real_noise)
+                   cfg.controller.real_z, cfg.controller.action_noise, cfg.controller.real_noise,
+                   critic, cfg.controller.shield)
 
     def reset(self, batch_size: int, seeds: list[int] | None = None) -> None:
         """Start ``batch_size`` episodes; ``seeds`` fix each one's draws (z samples with
@@ -74,6 +98,8 @@ class Agent:
         if self.per_env and batch_size != len(self.params):
             raise ValueError(f"{batch_size} environments for {len(self.params)} controllers")
         self.state = self.m.initial_state(batch_size)
+        self.critic_state = self.critic.initial_state(batch_size) if self.critic is not None else ()
+        self.overrides = 0
         seeds = seeds if seeds is not None else list(range(batch_size))
         # One generator per environment, so an episode's draws do not depend on its batch-mates.
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -82,6 +108,7 @@ class Agent:
         """Drop finished environments: keep only state rows ``rows`` (indices)."""
         index = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.device)
         self.state = tuple(s[index] for s in self.state)
+        self.critic_state = tuple(s[index] for s in self.critic_state)
         if self.per_env:
             self.params = self.params[index]
         self.generators = [self.generators[i] for i in np.asarray(rows).tolist()]
@@ -101,10 +128,27 @@ class Agent:
         actions = act_batched(self.spec, self.params if self.per_env else self.params.expand(len(frames), -1), features)
         if self.action_noise > 0:  # M observes the action taken, as in the dream
             actions = add_action_noise(self.spec, actions, self.action_noise, self._normal(actions.shape[1]))
+        if self.critic is not None:
+            actions = self._shielded(z, actions)
+            self.critic_state = self.critic.observe(self.critic_state, z, actions)
         self.state, self.last_z = self.m.observe(self.state, z, actions), z
         if self.real_noise > 0:  # after M has observed: noise of the real game alone
             actions = add_action_noise(self.spec, actions, self.real_noise, self._normal(actions.shape[1]))
         return actions.cpu().numpy()
+
+    def _shielded(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """C's actions (B, 1), each replaced by the safest hold where the critic rates that hold's
+        P(death within H steps) lower by more than ``shield``."""
+        holds = HOLDS.to(actions.device, actions.dtype)
+        options = torch.cat([actions, holds.expand(len(actions), -1)], dim=1)  # (B, 1 + 3)
+        k = options.shape[1]
+        state = tuple(s.repeat_interleave(k, dim=0) for s in self.critic_state)
+        _, _, p = self.critic.judge_step(state, z.repeat_interleave(k, dim=0), options.reshape(-1, 1))
+        p = p.view(-1, k)
+        safest, best = p[:, 1:].min(dim=1)
+        override = p[:, 0] - safest > self.shield
+        self.overrides += int(override.sum())
+        return torch.where(override[:, None], holds[best][:, None], actions)
 
 
 class NoisyAgentPolicy:

@@ -227,6 +227,7 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
         "frame_skip": cfg.env.frame_skip,
         "max_steps": cfg.env.max_steps,
         "real_noise": cfg.controller.real_noise,
+        "shield": cfg.controller.shield,
         "agent": {**_stats([r["return"] for r in agent]), "episodes_detail": agent},
         "random": {**_stats([r["return"] for r in random]), "episodes_detail": random},
         **({"pacing": {**_stats([r["return"] for r in pacing]), "pacer_steps": cfg.eval.pacer_steps,

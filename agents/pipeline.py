@@ -61,6 +61,7 @@ def _current_report(run: Run) -> dict | None:
         covers = (report["env"] == run.cfg.env.name and report["seeds"][0] == cfg.seed
                   and episodes >= cfg.episodes and report["random"]["episodes"] == episodes
                   and report.get("real_noise", 0.0) == run.cfg.controller.real_noise
+                  and report.get("shield", 0.0) == run.cfg.controller.shield
                   and (not cfg.pacer_steps or report.get("pacing", {}).get("pacer_steps") == cfg.pacer_steps))
     except (OSError, ValueError, KeyError, IndexError, TypeError):  # unreadable: evaluate again
         return None

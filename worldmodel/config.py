@@ -95,7 +95,8 @@ class ModelConfig:
     hazard_horizon: int = _f(0, low=0, doc="> 0: train one more M after the ensemble, the hazard critic (the "
                                            "last M file), whose done head learns 'death within the next N "
                                            "steps'; the dream reads it through cmaes.hazard_penalty and "
-                                           "cmaes.hazard_threshold (worldmodel/ensemble.py); 0 = none")
+                                           "cmaes.hazard_threshold (worldmodel/ensemble.py), the real game through "
+                                           "controller.shield (agents/agent.py); 0 = none")
     predict_reward: bool = _f(True, doc="train a reward head (off for TakeCover: +1 alive)")
     time_input: bool = _f(False, doc="mdnrnn: the LSTM also reads the episode's step t / env.max_steps, so "
                                      "M can learn a game that changes with time (TakeCover sends more "
@@ -133,6 +134,11 @@ class ControllerConfig:
     real_noise: float = _f(0.0, low=0.0, doc="std of Gaussian noise added to C's actions in the real game only, "
                            "after M has observed the action (then clipped to the action box); the dream never "
                            "sees it.  A play-time setting: checks, select, evaluate and watch use it")
+    shield: float = _f(0.0, low=0.0, high=1.0,
+                       doc="TakeCover with a hazard critic (model.hazard_horizon): where the critic's P_H for C's "
+                           "action exceeds that of the safest hold (left, stay or right) by more than this, the agent "
+                           "takes that hold instead; 0 = off.  A play-time setting like real_noise: checks, select, "
+                           "evaluate, watch and iterate's collection play it; the dream does not")
     brake: str = _f("clip", choices=BRAKE_SQUASHES,
                     doc="CarRacing's brake from C's output y: clip(tanh y, 0, 1) as in the paper's code, "
                         "or (tanh y + 1) / 2 (half the brake at y = 0; agents/controller.py)")
@@ -365,6 +371,9 @@ def validate(cfg: Config) -> None:
         if used and not cfg.model.hazard_horizon:
             raise UserError(f"config cmaes.{key}: {getattr(cfg.cmaes, key)} needs a hazard critic "
                             "(model.hazard_horizon > 0, is 0)")
+    if cfg.controller.shield > 0 and not (cfg.model.hazard_horizon and cfg.env.name == "takecover"):
+        raise UserError(f"config controller.shield: {cfg.controller.shield} needs TakeCover (env.name is "
+                        f"{cfg.env.name}) and a hazard critic (model.hazard_horizon > 0, is {cfg.model.hazard_horizon})")
     if cfg.cmaes.hazard_penalty > 0 and cfg.env.name != "takecover":
         raise UserError(f"config cmaes.hazard_penalty: {cfg.cmaes.hazard_penalty} is for TakeCover's survival "
                         f"reward, not {cfg.env.name} (set it to 0)")

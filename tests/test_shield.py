@@ -1,0 +1,121 @@
+"""controller.shield: the hazard critic overrides C's action in the real game where a hold is safer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_dream import FakeM
+from test_train_m import _run
+
+from agents.agent import Agent
+from agents.controller import ControllerSpec
+from agents.select import _cache_key
+from worldmodel.errors import UserError
+from worldmodel.io import save_checkpoint
+from worldmodel.train_m import load_m, train_m
+from worldmodel.vae import ConvVAE
+
+Z = 3
+
+
+class ActionHazard(FakeM):
+    """A critic whose P(death within H) depends on the action alone: right 0.5, stay 0.3, left 0.1;
+    it counts the actions it observes."""
+
+    def __init__(self):
+        super().__init__(z_dim=Z)
+        self.observed: list[torch.Tensor] = []
+
+    def judge_step(self, state, z, action):
+        a = action[:, 0]
+        p = torch.where(a > 1 / 3, 0.5, torch.where(a < -1 / 3, 0.1, 0.3))
+        return state, torch.zeros_like(p), p
+
+    def observe(self, state, z, action):
+        self.observed.append(action.clone())
+        return state
+
+
+class SpyM(FakeM):
+    def __init__(self):
+        super().__init__(z_dim=Z)
+        self.observed: list[torch.Tensor] = []
+
+    def observe(self, state, z, action):
+        self.observed.append(action.clone())
+        return state
+
+
+def _agent(shield: float, bias: float = 5.0, critic=None):
+    """Two environments; C's bias alone sets its action (tanh 5 = right, tanh -5 = left)."""
+    torch.manual_seed(0)
+    m = SpyM()
+    spec = ControllerSpec.for_env("takecover", m.feature_dim("zh"))
+    params = np.zeros(spec.num_params, np.float32)
+    params[-1] = bias
+    critic = critic if critic is not None else ActionHazard()
+    agent = Agent(ConvVAE(Z).eval(), m, spec, params, "zh", critic=critic, shield=shield)
+    agent.reset(2)
+    return agent, m, critic
+
+
+FRAMES = np.zeros((2, 64, 64, 3), np.uint8)
+
+
+@pytest.mark.parametrize("shield, expected", [(0.3, -1.0), (0.45, 1.0)])
+def test_the_shield_takes_the_safest_hold_when_it_is_safer_by_more_than_the_margin(shield, expected):
+    agent, m, critic = _agent(shield)
+    actions = agent.act(FRAMES)
+    assert actions.shape == (2, 1) and np.allclose(actions, expected, atol=1e-3)
+    # M and the critic both observe the action played, not C's.
+    assert torch.allclose(m.observed[-1], torch.as_tensor(actions)) and torch.allclose(critic.observed[-1], m.observed[-1])
+    assert agent.overrides == (2 if expected < 0 else 0)
+
+
+def test_the_safest_action_already_is_left_alone():
+    agent, m, _ = _agent(0.01, bias=-5.0)  # C goes left, the critic's safest
+    assert np.allclose(agent.act(FRAMES), np.tanh(-5.0)) and agent.overrides == 0
+
+
+def test_without_a_shield_the_critic_is_not_asked():
+    agent, _, critic = _agent(0.0)
+    assert agent.critic is None
+    assert np.allclose(agent.act(FRAMES), np.tanh(5.0)) and critic.observed == []
+
+
+def test_a_shield_needs_a_critic():
+    spec = ControllerSpec.for_env("takecover", FakeM(z_dim=Z).feature_dim("zh"))
+    with pytest.raises(ValueError, match="hazard critic"):
+        Agent(ConvVAE(Z), FakeM(z_dim=Z), spec, np.zeros(spec.num_params, np.float32), "zh", shield=0.1)
+
+
+def test_keep_drops_the_critic_state_of_finished_episodes():
+    agent, _, _ = _agent(0.3)
+    agent.keep([1])
+    assert all(len(s) == 1 for s in agent.critic_state)
+    assert agent.act(FRAMES[:1]).shape == (1, 1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["controller.shield=0.1"], "controller.shield: 0.1 needs TakeCover .* and a hazard critic"),
+    (["env.name=carracing", "model.hazard_horizon=8", "controller.shield=0.1"], "needs TakeCover"),
+    (["controller.shield=1.5"], "controller.shield"),
+])
+def test_shield_settings_are_checked(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        _run(tmp_path, overrides=overrides)
+
+
+def test_from_run_loads_the_critic_and_names_a_missing_one(tmp_path):
+    run = _run(tmp_path, overrides=["model.epochs=1", "model.hazard_horizon=4", "controller.shield=0.1",
+                                    "env.name=takecover"])
+    train_m(run)
+    save_checkpoint(run.vae_path, {"z_dim": run.cfg.vae.z_dim, "state_dict": ConvVAE(run.cfg.vae.z_dim).state_dict()})
+    spec = ControllerSpec.for_config(run.cfg, load_m(run.m_path, run.cfg))
+    agent = Agent.from_run(run.dir, run.cfg, np.zeros(spec.num_params, np.float32))
+    assert agent.critic is not None and agent.shield == 0.1
+    assert "shield 0.1" in _cache_key(run, 0)  # select's scores hold for this way of acting only
+    run.member_path(run.cfg.model.ensemble).unlink()
+    with pytest.raises(UserError, match="m1.pt: not found; controller.shield needs the hazard critic"):
+        Agent.from_run(run.dir, run.cfg, np.zeros(spec.num_params, np.float32))
