@@ -56,7 +56,7 @@ class Agent:
         self.critic, self.shield = (critic, float(shield)) if shield > 0 else (None, 0.0)
         self.state: State = ()
         self.critic_state: State = ()
-        self.overrides = 0  # actions the shield replaced since the last reset
+        self.overrides = np.zeros(0, np.int64)  # per environment: actions the shield replaced
         self.last_z: torch.Tensor | None = None  # the z's M observed at the last act (B, Z)
         self.generators: list[torch.Generator] = []
 
@@ -99,7 +99,7 @@ class Agent:
             raise ValueError(f"{batch_size} environments for {len(self.params)} controllers")
         self.state = self.m.initial_state(batch_size)
         self.critic_state = self.critic.initial_state(batch_size) if self.critic is not None else ()
-        self.overrides = 0
+        self.overrides = np.zeros(batch_size, np.int64)
         seeds = seeds if seeds is not None else list(range(batch_size))
         # One generator per environment, so an episode's draws do not depend on its batch-mates.
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -109,6 +109,7 @@ class Agent:
         index = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.device)
         self.state = tuple(s[index] for s in self.state)
         self.critic_state = tuple(s[index] for s in self.critic_state)
+        self.overrides = self.overrides[np.asarray(rows, np.int64)]
         if self.per_env:
             self.params = self.params[index]
         self.generators = [self.generators[i] for i in np.asarray(rows).tolist()]
@@ -147,7 +148,7 @@ class Agent:
         p = p.view(-1, k)
         safest, best = p[:, 1:].min(dim=1)
         override = p[:, 0] - safest > self.shield
-        self.overrides += int(override.sum())
+        self.overrides += override.cpu().numpy()
         return torch.where(override[:, None], holds[best][:, None], actions)
 
 

@@ -53,7 +53,7 @@ def play(task: dict) -> list[dict]:
         for policy, s in zip(baselines, seeds):
             policy.reset(np.random.default_rng(s))
     alive = list(range(len(seeds)))
-    returns, steps = np.zeros(len(seeds)), np.zeros(len(seeds), int)
+    returns, steps, shielded = np.zeros(len(seeds)), np.zeros(len(seeds), int), np.zeros(len(seeds), int)
     while alive:
         if task["policy"] == "agent":
             actions = agent.act(frames)
@@ -69,15 +69,19 @@ def play(task: dict) -> list[dict]:
             if not (terminated or truncated):
                 keep.append(row)
                 next_frames.append(obs)
-        if task["policy"] == "agent" and len(keep) < len(alive):
-            agent.keep(np.asarray(keep))
+        if task["policy"] == "agent":
+            shielded[alive] = agent.overrides
+            if len(keep) < len(alive):
+                agent.keep(np.asarray(keep))
         alive = [alive[row] for row in keep]
         frames = np.stack(next_frames) if next_frames else frames[:0]
     for env in games:
         env.close()
     for i, frames_i in videos.items():
         _write_video(_video_path(task, seeds[i]), frames_i, cfg.env.name)
-    return [{"seed": s, "return": float(returns[i]), "steps": int(steps[i])} for i, s in enumerate(seeds)]
+    shield = task["policy"] == "agent" and agent.critic is not None
+    return [{"seed": s, "return": float(returns[i]), "steps": int(steps[i]),
+             **({"shielded": int(shielded[i])} if shield else {})} for i, s in enumerate(seeds)]
 
 
 def _write_video(path: Path, frames: list[np.ndarray], env_name: str) -> None:
@@ -250,6 +254,10 @@ def scores(report: dict) -> dict[str, str]:
                  f"over {a['episodes']} episodes",
         "random policy": f"{r['mean']:.1f} ± {r['std']:.1f} on the same seeds",
     }
+    if report.get("shield"):
+        detail = a.get("episodes_detail", [])
+        replaced = sum(e.get("shielded", 0) for e in detail) / max(1, sum(e["steps"] for e in detail))
+        lines["shield"] = f"margin {report['shield']:g}: the critic replaced {100 * replaced:.2f} % of the agent's actions"
     if "dream" in report:  # the same controller in M's dream, beside its real score
         d = report["dream"]
         lines["agent in the dream"] = f"{d['mean']:.1f} ± {d['std']:.1f} over {d['episodes']} dreams (τ {d['temperature']})"

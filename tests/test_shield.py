@@ -70,12 +70,12 @@ def test_the_shield_takes_the_safest_hold_when_it_is_safer_by_more_than_the_marg
     assert actions.shape == (2, 1) and np.allclose(actions, expected, atol=1e-3)
     # M and the critic both observe the action played, not C's.
     assert torch.allclose(m.observed[-1], torch.as_tensor(actions)) and torch.allclose(critic.observed[-1], m.observed[-1])
-    assert agent.overrides == (2 if expected < 0 else 0)
+    assert agent.overrides.tolist() == ([1, 1] if expected < 0 else [0, 0])  # per environment
 
 
 def test_the_safest_action_already_is_left_alone():
     agent, m, _ = _agent(0.01, bias=-5.0)  # C goes left, the critic's safest
-    assert np.allclose(agent.act(FRAMES), np.tanh(-5.0)) and agent.overrides == 0
+    assert np.allclose(agent.act(FRAMES), np.tanh(-5.0)) and agent.overrides.tolist() == [0, 0]
 
 
 def test_without_a_shield_the_critic_is_not_asked():
@@ -92,9 +92,10 @@ def test_a_shield_needs_a_critic():
 
 def test_keep_drops_the_critic_state_of_finished_episodes():
     agent, _, _ = _agent(0.3)
+    agent.act(FRAMES)
     agent.keep([1])
-    assert all(len(s) == 1 for s in agent.critic_state)
-    assert agent.act(FRAMES[:1]).shape == (1, 1)
+    assert all(len(s) == 1 for s in agent.critic_state) and agent.overrides.tolist() == [1]
+    assert agent.act(FRAMES[:1]).shape == (1, 1) and agent.overrides.tolist() == [2]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -119,3 +120,15 @@ def test_from_run_loads_the_critic_and_names_a_missing_one(tmp_path):
     run.member_path(run.cfg.model.ensemble).unlink()
     with pytest.raises(UserError, match="m1.pt: not found; controller.shield needs the hazard critic"):
         Agent.from_run(run.dir, run.cfg, np.zeros(spec.num_params, np.float32))
+
+
+def test_evaluate_reports_the_share_of_actions_the_shield_replaced():
+    from agents.evaluate import scores
+
+    detail = [{"seed": 0, "return": 100.0, "steps": 100, "shielded": 1},
+              {"seed": 1, "return": 300.0, "steps": 300, "shielded": 3}]
+    report = {"agent": {"mean": 200.0, "std": 100.0, "min": 100.0, "max": 300.0, "episodes": 2,
+                        "episodes_detail": detail},
+              "random": {"mean": 50.0, "std": 1.0, "episodes": 2}, "shield": 0.1}
+    assert scores(report)["shield"] == "margin 0.1: the critic replaced 1.00 % of the agent's actions"
+    assert "shield" not in scores({**report, "shield": 0.0})

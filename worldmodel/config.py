@@ -138,7 +138,7 @@ class ControllerConfig:
                        doc="TakeCover with a hazard critic (model.hazard_horizon): where the critic's P_H for C's "
                            "action exceeds that of the safest hold (left, stay or right) by more than this, the agent "
                            "takes that hold instead; 0 = off.  A play-time setting like real_noise: checks, select, "
-                           "evaluate, watch and iterate's collection play it; the dream does not")
+                           "evaluate (its videos too) and iterate's collection play it; the dream does not")
     brake: str = _f("clip", choices=BRAKE_SQUASHES,
                     doc="CarRacing's brake from C's output y: clip(tanh y, 0, 1) as in the paper's code, "
                         "or (tanh y + 1) / 2 (half the brake at y = 0; agents/controller.py)")
