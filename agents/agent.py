@@ -25,6 +25,7 @@ from agents.controller import ControllerSpec, act_batched, add_action_noise, loa
 from worldmodel.config import Config
 from worldmodel.errors import UserError
 from worldmodel.m import State, WorldModel
+from worldmodel.runs import Run
 from worldmodel.train_m import load_m
 from worldmodel.vae import ConvVAE, load_vae, preprocess
 
@@ -76,9 +77,11 @@ class Agent:
         m = load_m(Path(m_path) if m_path else run_dir / "m.pt", cfg, z_dim=cfg.vae.z_dim, device=device)
         spec = ControllerSpec.for_config(cfg, m)
         critic = None
-        if cfg.controller.shield > 0:  # the critic file beside M's: mK.pt, or <id>.mK.pt in m_history/
-            k = cfg.model.ensemble
-            path = run_dir / f"m{k}.pt" if m_path is None else Path(m_path).with_name(f"{Path(m_path).stem}.m{k}.pt")
+        if cfg.controller.shield > 0:  # the critic that goes with M: the run's, or the one kept beside M's snapshot
+            from agents.cmaes import m_snapshot_path
+
+            run, k = Run(run_dir, cfg), cfg.model.ensemble
+            path = run.member_path(k) if m_path is None else m_snapshot_path(run, Path(m_path).stem, k)
             if not path.exists():
                 raise UserError(f"{path}: not found; controller.shield needs the hazard critic "
                                 "(model.hazard_horizon; `python run.py train-rnn` trains it)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from test_dream import FakeM
 from test_train_m import _run
 
 from agents.agent import Agent
+from agents.cmaes import m_snapshot_path
 from agents.controller import ControllerSpec
 from agents.select import _cache_key
 from worldmodel.errors import UserError
@@ -117,6 +120,14 @@ def test_from_run_loads_the_critic_and_names_a_missing_one(tmp_path):
     agent = Agent.from_run(run.dir, run.cfg, np.zeros(spec.num_params, np.float32))
     assert agent.critic is not None and agent.shield == 0.1
     assert "shield 0.1" in _cache_key(run, 0)  # select's scores hold for this way of acting only
+    # A controller checked with an earlier M plays with that M's critic, kept beside it in m_history/.
+    snapshot = m_snapshot_path(run, "abc")
+    snapshot.parent.mkdir()
+    shutil.copyfile(run.m_path, snapshot)
+    with pytest.raises(UserError, match="abc.m1.pt: not found"):
+        Agent.from_run(run.dir, run.cfg, np.zeros(spec.num_params, np.float32), m_path=snapshot)
+    shutil.copyfile(run.member_path(1), m_snapshot_path(run, "abc", 1))
+    assert Agent.from_run(run.dir, run.cfg, np.zeros(spec.num_params, np.float32), m_path=snapshot).critic is not None
     run.member_path(run.cfg.model.ensemble).unlink()
     with pytest.raises(UserError, match="m1.pt: not found; controller.shield needs the hazard critic"):
         Agent.from_run(run.dir, run.cfg, np.zeros(spec.num_params, np.float32))
