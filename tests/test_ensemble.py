@@ -211,6 +211,20 @@ def test_hazard_threshold_ends_the_dream_like_a_death():
     np.testing.assert_allclose(res.returns.numpy(), [1.0, 3.0, 1.0])  # no penalty: 1 a step
 
 
+def test_a_critic_the_dream_does_not_read_is_not_stepped(monkeypatch):
+    """A critic kept only for the real game's shield: the dream is the critic-free one, and cheaper."""
+    critic = HazardM(right=0.3, left=0.05)
+    monkeypatch.setattr(critic, "judge_step", lambda *a, **k: pytest.fail("the dream stepped an unread critic"))
+    spec = ControllerSpec.for_env("takecover", ScaledM(0.0).feature_dim("zh"))
+    params, starts = bias_params(spec, [1.0, -1.0, 1.0]), torch.zeros(3, 3)
+    settings = DreamSettings(max_steps=20, reward="alive+model")
+    with_critic = dream_rollouts(Ensemble([ScaledM(0.0, short=3, long=7)], critic=critic), params, spec,
+                                 starts, settings)
+    without = dream_rollouts(Ensemble([ScaledM(0.0, short=3, long=7)]), params, spec, starts, settings)
+    assert with_critic.lengths.tolist() == without.lengths.tolist() == [7, 3, 7]
+    np.testing.assert_allclose(with_critic.returns.numpy(), without.returns.numpy())
+
+
 def test_a_penalty_needs_a_critic():
     with pytest.raises(ValueError, match="hazard critic"):
         Ensemble([ScaledM(0.0)], hazard_penalty=1.0)

@@ -25,7 +25,9 @@ the fireball in flight; the critic looks further and points the right way more o
 (docs/results.md, "Could the agent have dodged?").  Its P_H reads the dream two ways: each
 step pays 1 - min(1, λ_H · P_H) instead of 1 (``cmaes.hazard_penalty``, returned here as the
 step's reward, -min(1, λ_H · P_H)), so a dream in danger earns less without ending; and
-P_H > ``cmaes.hazard_threshold`` ends the dream like a death.
+P_H > ``cmaes.hazard_threshold`` ends the dream like a death.  Where neither reads it (a run whose
+critic only shields the agent in the real game, ``controller.shield``), the dream does not step the
+critic at all: its state stays as it began, and a dream step costs one M less.
 
 Only the first member (``m.pt``) moves the dream: its z sample, its done probability
 and its features for the controller, exactly as without an ensemble (and it alone is
@@ -68,6 +70,11 @@ class Ensemble(WorldModel):
     def has_critic(self) -> bool:
         """Is the last of :attr:`members` a hazard critic?"""
         return len(self.members) > self.n_members
+
+    @property
+    def dreams_critic(self) -> bool:
+        """Does the dream read the critic (a penalty or a threshold)?  If not, it is not stepped."""
+        return self.has_critic and (self.hazard_penalty > 0 or self.hazard_threshold < 1)
 
     @classmethod
     def from_config(cls, cfg, z_dim: int, action_dim: int) -> Ensemble:
@@ -113,13 +120,16 @@ class Ensemble(WorldModel):
         first_state, z_next, reward, done = self.members[0].imagine_step(parts[0], z, action, temperature,
                                                                         generator, noise, **thinned)
         new_state, rewards, dones = list(first_state), [reward], [done]
-        for m, part in zip(self.members[1:], parts[1:]):
+        judged = self.members[1:] if not self.has_critic or self.dreams_critic else self.members[1:-1]
+        for m, part in zip(judged, parts[1:]):
             s, r, d = m.judge_step(part, z, action)  # the others draw no z of their own
             new_state += list(s)
             rewards.append(r)
             dones.append(d)
         hazard = None
-        if self.has_critic:  # the critic judges apart from the members
+        if self.has_critic and not self.dreams_critic:  # unread: its state passes through
+            new_state += list(parts[-1])
+        elif self.has_critic:  # the critic judges apart from the members
             rewards.pop()
             hazard = dones.pop()
         if len(rewards) > 1:
