@@ -11,7 +11,7 @@ The game then gets ``a_t`` plus N(0, ρ²) noise, clipped again, with ``controll
 With ``controller.shield`` = m > 0 (TakeCover, a run with a hazard critic) the critic, which
 follows the game with M, also judges a_t before it is played: where its P(death within H steps)
 for a_t exceeds that of the safest hold (left, stay or right) by more than m, the agent holds that
-instead, and M observes the hold.
+instead, and M observes the hold (agents/shield.py).
 """
 
 from __future__ import annotations
@@ -22,15 +22,13 @@ import numpy as np
 import torch
 
 from agents.controller import ControllerSpec, act_batched, add_action_noise, load_controller
+from agents.shield import shield_actions
 from worldmodel.config import Config
 from worldmodel.errors import UserError
 from worldmodel.m import State, WorldModel
 from worldmodel.runs import Run
 from worldmodel.train_m import load_m
 from worldmodel.vae import ConvVAE, load_vae, preprocess
-
-#: TakeCover's three holds, as the shield offers them: left, stay, right.
-HOLDS = torch.tensor([-1.0, 0.0, 1.0])
 
 
 class Agent:
@@ -133,26 +131,13 @@ class Agent:
         if self.action_noise > 0:  # M observes the action taken, as in the dream
             actions = add_action_noise(self.spec, actions, self.action_noise, self._normal(actions.shape[1]))
         if self.critic is not None:
-            actions = self._shielded(z, actions)
+            actions, replaced = shield_actions(self.critic, self.critic_state, z, actions, self.shield)
+            self.overrides += replaced.cpu().numpy()
             self.critic_state = self.critic.observe(self.critic_state, z, actions)
         self.state, self.last_z = self.m.observe(self.state, z, actions), z
         if self.real_noise > 0:  # after M has observed: noise of the real game alone
             actions = add_action_noise(self.spec, actions, self.real_noise, self._normal(actions.shape[1]))
         return actions.cpu().numpy()
-
-    def _shielded(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """C's actions (B, 1), each replaced by the safest hold where the critic rates that hold's
-        P(death within H steps) lower by more than ``shield``."""
-        holds = HOLDS.to(actions.device, actions.dtype)
-        options = torch.cat([actions, holds.expand(len(actions), -1)], dim=1)  # (B, 1 + 3)
-        k = options.shape[1]
-        state = tuple(s.repeat_interleave(k, dim=0) for s in self.critic_state)
-        _, _, p = self.critic.judge_step(state, z.repeat_interleave(k, dim=0), options.reshape(-1, 1))
-        p = p.view(-1, k)
-        safest, best = p[:, 1:].min(dim=1)
-        override = p[:, 0] - safest > self.shield
-        self.overrides += override.cpu().numpy()
-        return torch.where(override[:, None], holds[best][:, None], actions)
 
 
 class NoisyAgentPolicy:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from agents.controller import ControllerSpec, act_batched, action_space, add_action_noise
+from agents.shield import shield_actions
 from worldmodel.config import Config
 from worldmodel.errors import UserError
 from worldmodel.latents import Latents
@@ -234,6 +235,7 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
     masks = m.dropout_masks(n_streams, settings.dropout, generator) if settings.dropout > 0 else None
     if masks is not None and stream is not None:
         masks = masks.index_select(0, stream)
+    shield = getattr(m, "dream_shield", 0.0) > 0  # the critic replaces C's riskiest moves, as in the game
     for t in range(settings.max_steps):
         features = m.features(state, z, settings.features)
         a = act_batched(spec, p, features) if policy is None else policy(t, features)
@@ -246,6 +248,8 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
             eps = None if eps is None else eps.index_select(0, stream)
         if eps is not None:
             a = add_action_noise(spec, a, settings.action_noise, eps)
+        if shield:
+            a = shield_actions(m.critic, m.critic_state(state), z, a, m.dream_shield)[0]
         thinned = {} if masks is None else {"dropout": masks}  # an M without dream dropout never sees it
         state, z, r, d = m.imagine_step(state, z, a, settings.temperature, noise=noise, **thinned)
         if settings.reward != "alive":
@@ -326,12 +330,14 @@ class DreamEnv(gym.Env):
         if self._z is None:
             raise RuntimeError("DreamEnv.step() called before reset()")
         low, high = self.action_space.low, self.action_space.high
-        a = np.clip(np.asarray(action, dtype=np.float32).reshape(1, -1), low, high)
+        a = torch.from_numpy(np.clip(np.asarray(action, dtype=np.float32).reshape(1, -1), low, high)).to(self._device)
         with torch.inference_mode():
+            if getattr(self.m, "dream_shield", 0.0) > 0:
+                a = shield_actions(self.m.critic, self.m.critic_state(self._state), self._z, a, self.m.dream_shield)[0]
             noise = self.m.sample_noise(1, self._gen)
             u = rand((1,), self._gen, self._device) if self.settings.done == "sample" else None
             self._state, self._z, r, d = self.m.imagine_step(
-                self._state, self._z, torch.from_numpy(a).to(self._device), self.settings.temperature,
+                self._state, self._z, a, self.settings.temperature,
                 noise=noise, **({} if self._mask is None else {"dropout": self._mask}))
             terminated = bool(self.settings.ended(d, u)[0])
             obs = self._obs()
@@ -367,8 +373,8 @@ def load_world_model(run: Run, device: str | torch.device = "cpu") -> WorldModel
     m = members[0]
     if len(members) > 1 or critic is not None:
         c = run.cfg.cmaes
-        m = Ensemble(members, c.disagreement, c.ensemble_done, critic, c.hazard_penalty,
-                     c.hazard_threshold).to(device)
+        m = Ensemble(members, c.disagreement, c.ensemble_done, critic, c.hazard_penalty, c.hazard_threshold,
+                     run.cfg.controller.shield if c.dream_shield else 0.0).to(device)
     m.set_dream_precision(resolve_precision(run.cfg.system.precision, device))
     return m
 

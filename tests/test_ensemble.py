@@ -228,6 +228,36 @@ def test_a_critic_the_dream_does_not_read_is_not_stepped(monkeypatch):
 def test_a_penalty_needs_a_critic():
     with pytest.raises(ValueError, match="hazard critic"):
         Ensemble([ScaledM(0.0)], hazard_penalty=1.0)
+    with pytest.raises(ValueError, match="hazard critic"):
+        Ensemble([ScaledM(0.0)], dream_shield=0.1)
+
+
+def _shielded_dream(margin: float):
+    # The critic rates right (P 0.3) riskier than left or stay (0.05): a shield with a margin under
+    # 0.25 turns the right-runners left, where the member ends the dream at step 3 instead of 7.
+    ensemble = Ensemble([ScaledM(0.0, short=3, long=7)], critic=HazardM(right=0.3, left=0.05), dream_shield=margin)
+    spec = ControllerSpec.for_env("takecover", ensemble.feature_dim("zh"))
+    return ensemble, spec, dream_rollouts(ensemble, bias_params(spec, [1.0, -1.0, 1.0]), spec, torch.zeros(3, 3),
+                                          DreamSettings(max_steps=20, reward="alive"))
+
+
+@pytest.mark.parametrize("margin, lengths", [(0.1, [3, 3, 3]), (0.3, [7, 3, 7])])
+def test_the_dream_shield_replaces_the_moves_its_critic_rates_riskier_by_more_than_the_margin(margin, lengths):
+    ensemble, _, res = _shielded_dream(margin)
+    assert ensemble.dreams_critic and res.lengths.tolist() == lengths
+
+
+def test_the_dream_env_plays_the_same_shield():
+    from envs.dream import DreamEnv
+
+    ensemble, _, _ = _shielded_dream(0.1)
+    env = DreamEnv(ensemble, starts_for(3), "takecover", DreamSettings(max_steps=20, reward="alive"))
+    env.reset(seed=0)
+    steps, terminated = 0, False
+    while not terminated:
+        _, _, terminated, _, _ = env.step(np.array([1.0], np.float32))  # always right: held left
+        steps += 1
+    assert steps == 3
 
 
 def test_train_m_trains_the_critic_on_deaths_within_its_horizon(tmp_path, monkeypatch):

@@ -105,6 +105,7 @@ def test_keep_drops_the_critic_state_of_finished_episodes():
     (["controller.shield=0.1"], "controller.shield: 0.1 needs TakeCover .* and a hazard critic"),
     (["env.name=carracing", "model.hazard_horizon=8", "controller.shield=0.1"], "needs TakeCover"),
     (["controller.shield=1.5"], "controller.shield"),
+    (["model.hazard_horizon=8", "cmaes.dream_shield=true"], "cmaes.dream_shield: true needs the shield's margin"),
 ])
 def test_shield_settings_are_checked(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):

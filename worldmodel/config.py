@@ -138,7 +138,8 @@ class ControllerConfig:
                        doc="TakeCover with a hazard critic (model.hazard_horizon): where the critic's P_H for C's "
                            "action exceeds that of the safest hold (left, stay or right) by more than this, the agent "
                            "takes that hold instead; 0 = off.  A play-time setting like real_noise: checks, select, "
-                           "evaluate (its videos too) and iterate's collection play it; the dream does not")
+                           "evaluate (its videos too) and iterate's collection play it; the dream only with "
+                           "cmaes.dream_shield")
     brake: str = _f("clip", choices=BRAKE_SQUASHES,
                     doc="CarRacing's brake from C's output y: clip(tanh y, 0, 1) as in the paper's code, "
                         "or (tanh y + 1) / 2 (half the brake at y = 0; agents/controller.py)")
@@ -166,6 +167,9 @@ class CMAESConfig:
                                                   "steps): a step in danger earns less, the dream goes on")
     hazard_threshold: float = _f(1.0, low=0.0, high=1.0, doc="a dream also ends where the hazard critic's P_H "
                                                              "exceeds this (1 = never)")
+    dream_shield: bool = _f(False, doc="the dream plays controller.shield too: its critic replaces C's "
+                                       "riskiest moves as it does in the real game, so C is evolved with "
+                                       "the shield it plays with (the critic is then stepped in every dream)")
     done: str = _f("threshold", choices=("threshold", "sample"),
                    doc="how M's calibrated P(done) ends a dream: P > done_threshold, or a Bernoulli sample")
     done_threshold: float = _f(0.1, low=0.0, high=1.0,
@@ -371,6 +375,9 @@ def validate(cfg: Config) -> None:
         if used and not cfg.model.hazard_horizon:
             raise UserError(f"config cmaes.{key}: {getattr(cfg.cmaes, key)} needs a hazard critic "
                             "(model.hazard_horizon > 0, is 0)")
+    if cfg.cmaes.dream_shield and not cfg.controller.shield > 0:
+        raise UserError("config cmaes.dream_shield: true needs the shield's margin (controller.shield > 0, is "
+                        f"{cfg.controller.shield})")
     if cfg.controller.shield > 0 and not (cfg.model.hazard_horizon and cfg.env.name == "takecover"):
         raise UserError(f"config controller.shield: {cfg.controller.shield} needs TakeCover (env.name is "
                         f"{cfg.env.name}) and a hazard critic (model.hazard_horizon > 0, is {cfg.model.hazard_horizon})")

@@ -25,9 +25,12 @@ the fireball in flight; the critic looks further and points the right way more o
 (docs/results.md, "Could the agent have dodged?").  Its P_H reads the dream two ways: each
 step pays 1 - min(1, λ_H · P_H) instead of 1 (``cmaes.hazard_penalty``, returned here as the
 step's reward, -min(1, λ_H · P_H)), so a dream in danger earns less without ending; and
-P_H > ``cmaes.hazard_threshold`` ends the dream like a death.  Where neither reads it (a run whose
-critic only shields the agent in the real game, ``controller.shield``), the dream does not step the
-critic at all: its state stays as it began, and a dream step costs one M less.
+P_H > ``cmaes.hazard_threshold`` ends the dream like a death.  With ``cmaes.dream_shield`` the
+dream also plays the real game's shield (``controller.shield``, agents/shield.py): the dream
+(envs/dream.py) lets the critic replace C's action by the safest hold, as the agent does in the
+game.  Where none of these reads it (a run whose critic only shields the agent in the real game),
+the dream does not step the critic at all: its state stays as it began, and a dream step costs
+one M less.
 
 Only the first member (``m.pt``) moves the dream: its z sample, its done probability
 and its features for the controller, exactly as without an ensemble (and it alone is
@@ -48,19 +51,22 @@ class Ensemble(WorldModel):
     """K M's behind the :class:`WorldModel` interface of the dream (not trainable as one)."""
 
     def __init__(self, members: list[WorldModel], disagreement: float = 0.0, done: str = "first",
-                 critic: WorldModel | None = None, hazard_penalty: float = 0.0, hazard_threshold: float = 1.0):
-        """``critic``: the hazard critic, judged after the members (its state comes last)."""
+                 critic: WorldModel | None = None, hazard_penalty: float = 0.0, hazard_threshold: float = 1.0,
+                 dream_shield: float = 0.0):
+        """``critic``: the hazard critic, judged after the members (its state comes last).
+        ``dream_shield``: the margin of the critic's shield in the dream (0: none)."""
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
         if done not in ENSEMBLE_DONE_RULES:
             raise ValueError(f"done rule must be one of {ENSEMBLE_DONE_RULES}, got {done!r}")
-        if critic is None and (hazard_penalty > 0 or hazard_threshold < 1):
-            raise ValueError("a hazard penalty or threshold needs a hazard critic")
+        if critic is None and (hazard_penalty > 0 or hazard_threshold < 1 or dream_shield > 0):
+            raise ValueError("a hazard penalty, threshold or shield needs a hazard critic")
         self.done_rule = done
         self.n_members = len(members)
         self.members = torch.nn.ModuleList(members + ([] if critic is None else [critic]))
         self.hazard_penalty, self.hazard_threshold = float(hazard_penalty), float(hazard_threshold)
+        self.dream_shield = float(dream_shield)
         self.disagreement = float(disagreement)
         self.z_dim, self.action_dim = members[0].z_dim, members[0].action_dim
         self.predict_reward = all(getattr(m, "predict_reward", True) for m in members)
@@ -73,8 +79,18 @@ class Ensemble(WorldModel):
 
     @property
     def dreams_critic(self) -> bool:
-        """Does the dream read the critic (a penalty or a threshold)?  If not, it is not stepped."""
-        return self.has_critic and (self.hazard_penalty > 0 or self.hazard_threshold < 1)
+        """Does the dream read the critic (a penalty, a threshold, a shield)?  If not, it is not stepped."""
+        return self.has_critic and (self.hazard_penalty > 0 or self.hazard_threshold < 1 or self.dream_shield > 0)
+
+    @property
+    def critic(self) -> WorldModel:
+        if not self.has_critic:
+            raise ValueError("this ensemble has no hazard critic")
+        return self.members[-1]
+
+    def critic_state(self, state: State) -> State:
+        """The critic's part of the ensemble's ``state``."""
+        return self._split(state)[-1] if self.has_critic else ()
 
     @classmethod
     def from_config(cls, cfg, z_dim: int, action_dim: int) -> Ensemble:
