@@ -199,6 +199,13 @@ def _gen_device(generator: torch.Generator | None) -> torch.device:
 
 # ----------------------------------------------------------------- the batched dream
 
+def _shielded(m: WorldModel, state: State, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The actions a dream step plays: ``a``, with C's riskiest moves replaced by the critic's
+    holds where the ensemble carries the shield into the dream (``cmaes.dream_shield``)."""
+    margin = getattr(m, "dream_shield", 0.0)
+    return a if margin <= 0 else shield_actions(m.critic, m.critic_state(state), z, a, margin)[0]
+
+
 @torch.inference_mode()
 def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0: torch.Tensor,
                    settings: DreamSettings, generator: torch.Generator | None = None,
@@ -235,7 +242,6 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
     masks = m.dropout_masks(n_streams, settings.dropout, generator) if settings.dropout > 0 else None
     if masks is not None and stream is not None:
         masks = masks.index_select(0, stream)
-    shield = getattr(m, "dream_shield", 0.0) > 0  # the critic replaces C's riskiest moves, as in the game
     for t in range(settings.max_steps):
         features = m.features(state, z, settings.features)
         a = act_batched(spec, p, features) if policy is None else policy(t, features)
@@ -248,8 +254,7 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
             eps = None if eps is None else eps.index_select(0, stream)
         if eps is not None:
             a = add_action_noise(spec, a, settings.action_noise, eps)
-        if shield:
-            a = shield_actions(m.critic, m.critic_state(state), z, a, m.dream_shield)[0]
+        a = _shielded(m, state, z, a)
         thinned = {} if masks is None else {"dropout": masks}  # an M without dream dropout never sees it
         state, z, r, d = m.imagine_step(state, z, a, settings.temperature, noise=noise, **thinned)
         if settings.reward != "alive":
@@ -332,8 +337,7 @@ class DreamEnv(gym.Env):
         low, high = self.action_space.low, self.action_space.high
         a = torch.from_numpy(np.clip(np.asarray(action, dtype=np.float32).reshape(1, -1), low, high)).to(self._device)
         with torch.inference_mode():
-            if getattr(self.m, "dream_shield", 0.0) > 0:
-                a = shield_actions(self.m.critic, self.m.critic_state(self._state), self._z, a, self.m.dream_shield)[0]
+            a = _shielded(self.m, self._state, self._z, a)
             noise = self.m.sample_noise(1, self._gen)
             u = rand((1,), self._gen, self._device) if self.settings.done == "sample" else None
             self._state, self._z, r, d = self.m.imagine_step(
