@@ -57,6 +57,9 @@ class TakeCoverEnv(gym.Env):
         game.set_sound_enabled(False)
         # ViZDoom writes its settings file into the working directory unless told otherwise.
         game.set_doom_config_path(os.path.join(tempfile.gettempdir(), "worldmodels_vizdoom.ini"))
+        # The engine also makes ./_vizdoom/; two engines starting at once in a fresh directory race
+        # to make it and the loser exits ("Failed to create ./_vizdoom/ directory: File exists").
+        os.makedirs("_vizdoom", exist_ok=True)
         game.init()
         self._game = game
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
@@ -12,6 +17,7 @@ from envs.takecover import _LEFT, _RIGHT, _STAY, discretize
 from worldmodel.errors import UserError
 
 NAMES = ("takecover", "carracing")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=NAMES)
@@ -97,6 +103,18 @@ def test_takecover_truncates_at_max_steps():
     assert [s[1:] for s in steps[:-1]] == [(False, False)] * 6
     assert steps[-1][1:] == (False, True)  # truncated by the cap, not terminated by the game
     assert [s[0] for s in steps] == [1.0] * 7  # +1 per step survived
+
+
+def test_takecover_engines_start_together_in_a_fresh_directory(tmp_path):
+    # Each engine makes ./_vizdoom/ at start; on a fresh machine collect's workers used to race to
+    # make it, and the loser exited ("worker process died").
+    code = "import envs; e = envs.make('takecover'); e.reset(seed=0); e.step(e.action_space.sample()); e.close()"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(4)]
+    outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outputs
+    assert (tmp_path / "_vizdoom").is_dir()
 
 
 def test_takecover_game_variables_track_position_and_health():
