@@ -23,18 +23,24 @@ def shipped(request):
     assert sorted(p.name for p in folder.rglob("*")) == before
 
 
+# A shipped agent may come from the preset's command with other training seeds (the command
+# with them is in docs/results.md); every other key is the preset's.
+TRAINING_SEEDS = {"collect.seed", "vae.seed", "model.seed", "cmaes.seed"}
+
+
 def test_shipped_agent_is_the_presets(shipped):
     name, run = shipped
     preset = config_lib.load(ROOT / "configs" / f"{name}-cpu.yaml")
-    assert config_lib.diff(run.cfg, preset) == {"env.max_steps": (STEPS, preset.env.max_steps)}
+    differ = {k: v for k, v in config_lib.diff(run.cfg, preset).items() if k not in TRAINING_SEEDS}
+    assert differ == {"env.max_steps": (STEPS, preset.env.max_steps)}
 
 
 def test_shipped_agent_plays_the_real_game_and_its_dream(shipped):
     name, run = shipped
     [episode] = play_many(run, "agent", [10_000], workers=1)
     assert episode["seed"] == 10_000 and 0 < episode["steps"] <= STEPS
-    if name == "takecover":  # one point per step survived; the first fireballs land later
-        assert episode["return"] == episode["steps"] == STEPS
+    if name == "takecover":  # one point per tic survived; the first fireballs land later
+        assert episode["steps"] == STEPS and episode["return"] == STEPS * run.cfg.env.frame_skip
     else:  # tiles driven over outweigh the 0.1 a frame that standing still costs
         assert episode["return"] > 0
     dream = dream_score(run, episodes=2, seed=0, max_steps=STEPS)
