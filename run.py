@@ -13,7 +13,9 @@
     python run.py export     --run runs/takecover-cpu --out pretrained/takecover
 
 Every command takes ``--config FILE``, ``--run DIR`` (default ``runs/<config name>``)
-and ``--set section.key=value``.  Rerunning a command on the same run continues it.
+and ``--set section.key=value`` (recorded in the run's config by the commands that train; for
+evaluate, watch, plot and export it holds for that command only).  Rerunning a command on the
+same run continues it.
 This file only parses the command line; the work lives in worldmodel/, agents/, envs/.
 """
 
@@ -24,6 +26,9 @@ import sys
 
 COMMANDS = ("collect", "train-vae", "train-rnn", "train-m", "dream", "iterate", "evaluate",
             "pipeline", "watch", "plot", "export")
+# Commands that train record their --set in the run's config.yaml, so that the run resumes under
+# them; the others (evaluate, watch, plot, export) apply --set to themselves only.
+TRAINS = ("collect", "train-vae", "train-rnn", "train-m", "dream", "iterate", "pipeline")
 
 
 def _positive(text: str) -> int:
@@ -67,7 +72,7 @@ def dispatch(args: argparse.Namespace) -> None:
 
     resolved = open_run(args.run, args.config, args.overrides, create=False)
     with resolved.lock():  # before open_run writes the run's config
-        _run_command(open_run(args.run, args.config, args.overrides), args)
+        _run_command(open_run(args.run, args.config, args.overrides, create=args.command in TRAINS), args)
 
 
 def _run_command(run, args: argparse.Namespace) -> None:

@@ -5,13 +5,17 @@ environments in lockstep so V and M run batched over them.  The random policy
 plays the same seeds for comparison, and in TakeCover with ``eval.pacer_steps`` a blind
 pacer too (agents/policies.py); their episodes are kept from the run's last ``eval.json``
 while env, frame skip, seeds and step limit stay the same, since they do not depend on the
-agent.  Results go to ``<run>/eval.json``.
+agent.  Results go to ``<run>/eval.json``; an evaluation under other settings than the run's
+(``--set``, another ``--episodes``) goes to ``<run>/evals/<what changed>.json`` instead, so a
+screen on other seeds never replaces the run's own score.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +30,7 @@ from agents.workers import default_workers, run_tasks
 from worldmodel import config as config_lib
 from worldmodel.errors import UserError
 from worldmodel.io import write_json
-from worldmodel.runs import Run
+from worldmodel.runs import Run, unrecorded_changes
 
 ENVS_PER_TASK = 8
 
@@ -184,11 +188,25 @@ def dream_episodes(run: Run, episodes: int, seed: int, policy: str | Callable[[i
     return result, settings.temperature
 
 
-def _earlier_baseline(run: Run, seeds: list[int], policy: str) -> list[dict] | None:
-    """A baseline's episodes ("random" or "pacing") from the run's eval.json when they were played
-    on the same env, frame skip, seeds, step limit and pacing period (they do not depend on the
-    agent); None otherwise."""
-    path = run.path("eval.json")
+def report_path(run: Run, episodes: int) -> Path:
+    """Where an evaluation's report goes: ``eval.json`` under the run's own settings; under others
+    (``--set``, ``--episodes`` not the config's) ``evals/`` + what changed, e.g.
+    ``evals/eval.seed=3000000.json``, so the run's own report is never overwritten."""
+    changes = {key: now for key, (_, now) in unrecorded_changes(run).items()}
+    if episodes != run.cfg.eval.episodes:
+        changes["episodes"] = episodes
+    if not changes:
+        return run.path("eval.json")
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(f"{k}={v}" for k, v in sorted(changes.items())))
+    if len(name) > 120:
+        name = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return run.path("evals", f"{name}.json")
+
+
+def _earlier_baseline(run: Run, seeds: list[int], policy: str, path: Path) -> list[dict] | None:
+    """A baseline's episodes ("random" or "pacing") from an earlier report at ``path`` when they
+    were played on the same env, frame skip, seeds, step limit and pacing period (they do not
+    depend on the agent); None otherwise."""
     env = run.cfg.env
     try:
         report = json.loads(path.read_text())
@@ -204,23 +222,25 @@ def _earlier_baseline(run: Run, seeds: list[int], policy: str) -> list[dict] | N
 
 def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = None,
                  backend: str | None = None, video: bool = False, progress: bool = True) -> dict:
-    """Evaluate the run's agent and the baselines on the same seeds; write eval.json."""
+    """Evaluate the run's agent and the baselines on the same seeds; write eval.json (or, under
+    other settings than the run's, a report in evals/: ``report_path``)."""
     cfg = run.cfg
     if episodes is not None and episodes < 1:
         raise UserError(f"--episodes {episodes}: must be at least 1")
     episodes = episodes or cfg.eval.episodes
+    path = report_path(run, episodes)
     seeds = list(range(cfg.eval.seed, cfg.eval.seed + episodes))
     Agent.from_run(run.dir, cfg)  # fail fast, in this process, on a missing or mismatched model
     video_seeds = tuple(seeds[: cfg.eval.video_episodes]) if video else ()
     start = time.perf_counter()
     agent = play_many(run, "agent", seeds, None, workers, backend, video_seeds, progress, "agent")
     agent_s = time.perf_counter() - start
-    random = _earlier_baseline(run, seeds, "random")
+    random = _earlier_baseline(run, seeds, "random", path)
     if random is None:
         random = play_many(run, "random", seeds, None, workers, backend, (), progress, "random policy")
     pacing = None
     if cfg.eval.pacer_steps:
-        pacing = _earlier_baseline(run, seeds, "pacing")
+        pacing = _earlier_baseline(run, seeds, "pacing", path)
         if pacing is None:
             pacing = play_many(run, "pacing", seeds, None, workers, backend, (), progress, "blind pacer")
     dream = dream_score(run, episodes, cfg.eval.seed)
@@ -241,8 +261,8 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
         "videos": [str(_video_path({"run": str(run.dir), "policy": "agent", "video_seeds": video_seeds}, s))
                    for s in video_seeds],
     }
-    write_json(run.path("eval.json"), report)
-    return {**scores(report), "seconds": agent_s, "report": str(run.path("eval.json")),
+    write_json(path, report)
+    return {**scores(report), "seconds": agent_s, "report": str(path),
             **({"videos": ", ".join(report["videos"])} if video_seeds else {})}
 
 

@@ -24,7 +24,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from agents.controller import ControllerSpec, save_controller
-from agents.evaluate import _earlier_baseline, dream_score, evaluate_params, play, play_many
+from agents.evaluate import _earlier_baseline, dream_score, evaluate_params, play, play_many, report_path
 from worldmodel import config as config_lib
 from worldmodel.episodes import episode_path, save_episode
 from worldmodel.io import write_json
@@ -257,16 +257,16 @@ def test_random_policy_is_played_again_unless_env_seeds_and_step_limit_match(mak
     report = {"env": run.cfg.env.name, "frame_skip": run.cfg.env.frame_skip, "seeds": [5, 7],
               "max_steps": run.cfg.env.max_steps, "random": {"episodes": 3, "episodes_detail": played}}
     write_json(run.path("eval.json"), report)
-    assert _earlier_baseline(run, seeds, "random") == played
-    assert _earlier_baseline(run, seeds, "pacing") is None  # never played
-    assert _earlier_baseline(run, [5, 6, 7, 8], "random") is None  # more episodes
+    assert _earlier_baseline(run, seeds, "random", run.path("eval.json")) == played
+    assert _earlier_baseline(run, seeds, "pacing", run.path("eval.json")) is None  # never played
+    assert _earlier_baseline(run, [5, 6, 7, 8], "random", run.path("eval.json")) is None  # more episodes
     for key, value in (("env", "carracing"), ("max_steps", run.cfg.env.max_steps + 1), ("max_steps", None),
                        ("frame_skip", run.cfg.env.frame_skip + 1), ("frame_skip", None)):
         changed = {**report, key: value} if value is not None else {k: v for k, v in report.items() if k != key}
         write_json(run.path("eval.json"), changed)
-        assert _earlier_baseline(run, seeds, "random") is None, key
+        assert _earlier_baseline(run, seeds, "random", run.path("eval.json")) is None, key
     run.path("eval.json").write_text("{torn")
-    assert _earlier_baseline(run, seeds, "random") is None
+    assert _earlier_baseline(run, seeds, "random", run.path("eval.json")) is None
 
 
 def test_pacer_is_played_again_when_its_leg_length_changes(make_run):
@@ -277,9 +277,9 @@ def test_pacer_is_played_again_when_its_leg_length_changes(make_run):
               "max_steps": run.cfg.env.max_steps,
               "pacing": {"episodes": 3, "pacer_steps": 110, "episodes_detail": played}}
     write_json(run.path("eval.json"), report)
-    assert _earlier_baseline(run, seeds, "pacing") == played
+    assert _earlier_baseline(run, seeds, "pacing", run.path("eval.json")) == played
     write_json(run.path("eval.json"), {**report, "pacing": {**report["pacing"], "pacer_steps": 80}})
-    assert _earlier_baseline(run, seeds, "pacing") is None
+    assert _earlier_baseline(run, seeds, "pacing", run.path("eval.json")) is None
 
 
 def test_traces_script_replays_the_evaluated_episodes(tiny, evaluated, tmp_path):
@@ -486,6 +486,26 @@ def test_controller_of_the_wrong_size_names_file_and_sizes(tiny, copied):
     save_controller(copied / "controller.pt", np.zeros(size + 3, np.float32), {"env": "takecover"})
     _assert_one_line_error(_cli("evaluate", "--run", copied, "--quiet"), "controller.pt", str(size + 3), str(size))
     assert not (copied / "eval.json").exists()
+
+
+def test_evaluating_under_other_settings_leaves_the_runs_config_and_report_alone(copied):
+    """--set and --episodes hold for that evaluation only: config.yaml keeps the run's settings,
+    eval.json its own score, and the screen goes to evals/<what changed>.json."""
+    config = (copied / "config.yaml").read_bytes()
+    write_json(copied / "eval.json", {"agent": {"mean": 123.0}})
+    result = _cli("evaluate", "--run", copied, "--quiet", "--episodes", "2", "--set", "eval.seed=3000000",
+                  "--set", "eval.pacer_steps=0")
+    assert result.returncode == 0, result.stderr
+    assert (copied / "config.yaml").read_bytes() == config
+    assert json.loads((copied / "eval.json").read_text()) == {"agent": {"mean": 123.0}}
+    [screen] = (copied / "evals").iterdir()
+    assert screen.name == "episodes=2,eval.pacer_steps=0,eval.seed=3000000.json"
+    report = json.loads(screen.read_text())
+    assert report["seeds"] == [3_000_000, 3_000_001] and report["agent"]["episodes"] == 2
+    assert "pacing" not in report and str(screen) in result.stdout
+    run = open_run(copied, None, ["eval.seed=3000000"], create=False)
+    assert report_path(run, EPISODES) == copied / "evals" / "eval.seed=3000000.json"
+    assert report_path(open_run(copied, None, create=False), EPISODES) == copied / "eval.json"
 
 
 @pytest.mark.parametrize("args, named", [(["--episodes", "0"], "--episodes"), (["--backend", "foo"], "--backend")],

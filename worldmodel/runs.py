@@ -11,6 +11,7 @@ Layout (each file written atomically)::
       controller.pt cmaes.pkl  best controller; CMA-ES state       (dream)
       metrics/<stage>.jsonl  one JSON record per line
       plots/ videos/ eval.json
+      evals/<what changed>.json  evaluations under other settings (--set, --episodes)
 
 Running a command again on the same folder continues it.
 """
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from worldmodel import config as config_lib
 from worldmodel.config import Config
@@ -115,9 +117,11 @@ def open_run(run_dir: str | os.PathLike | None, config_path: str | os.PathLike |
 
     A new run takes its config from ``config_path`` (default ``configs/smoke.yaml``
     is not assumed: one of the two must exist).  An existing run keeps the config
-    stored in it; ``--set`` overrides are applied and recorded.  Passing a
-    ``--config`` that differs from the stored one is an error, so a rerun never
-    silently retrains a run under other settings.
+    stored in it; ``--set`` overrides are applied, and recorded in its config.yaml
+    when ``create`` (the commands that train); with ``create=False`` they hold for
+    this command only and nothing is written.  Passing a ``--config`` that differs
+    from the stored one is an error, so a rerun never silently retrains a run under
+    other settings.
     """
     overrides = overrides or []
     stored_cfg = None
@@ -153,3 +157,10 @@ def open_run(run_dir: str | os.PathLike | None, config_path: str | os.PathLike |
         if stored_cfg is None or config_lib.diff(stored_cfg, cfg):
             write_text(run_path / "config.yaml", config_lib.dump(cfg))
     return Run(dir=run_path, cfg=cfg)
+
+
+def unrecorded_changes(run: Run) -> dict[str, tuple[Any, Any]]:
+    """Fields where ``run.cfg`` (with this command's ``--set``) differs from the config stored in
+    the run folder: {key: (stored, now)}; empty for a run without a stored config."""
+    stored = _stored_config(run.dir)
+    return config_lib.diff(stored, run.cfg) if stored is not None else {}
