@@ -71,8 +71,9 @@ def dispatch(args: argparse.Namespace) -> None:
     from worldmodel.runs import open_run
 
     resolved = open_run(args.run, args.config, args.overrides, create=False)
-    with resolved.lock():  # before open_run writes the run's config
-        _run_command(open_run(args.run, args.config, args.overrides, create=args.command in TRAINS), args)
+    with resolved.lock():  # before open_run writes the run's config (the commands that train)
+        trains = args.command in TRAINS
+        _run_command(open_run(args.run, args.config, args.overrides) if trains else resolved, args)
 
 
 def _run_command(run, args: argparse.Namespace) -> None:
