@@ -378,7 +378,7 @@ def load_world_model(run: Run, device: str | torch.device = "cpu") -> WorldModel
     if len(members) > 1 or critic is not None:
         c = run.cfg.cmaes
         m = Ensemble(members, c.disagreement, c.ensemble_done, critic, c.hazard_penalty, c.hazard_threshold,
-                     run.cfg.controller.shield if c.dream_shield else 0.0).to(device)
+                     run.cfg.controller.shield if c.dream_shield else 0.0, c.ensemble_moves).to(device)
     m.set_dream_precision(resolve_precision(run.cfg.system.precision, device))
     return m
 

@@ -173,6 +173,63 @@ def test_mdnrnn_members_judge_the_first_members_z():
         z = z_next.clone()
 
 
+# ----------------------------------------------------------------- each member moves its streams
+
+def test_each_member_moves_the_dreams_of_its_streams():
+    members = [tiny_mdnrnn(seed=0), tiny_mdnrnn(seed=1), tiny_mdnrnn(seed=2)]
+    each, first = Ensemble(members, moves="each"), Ensemble(members)
+    noise = each.sample_noise(6, torch.Generator().manual_seed(5))
+    baseline = first.sample_noise(6, torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(noise, baseline))  # the same random numbers, and a mover
+    assert noise[-1].tolist() == [0, 1, 2, 0, 1, 2]
+    state, z = each.initial_state(6), torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    a = torch.linspace(-1, 1, 6).unsqueeze(1)
+    parts = each._split(state)
+    own = [m.imagine_step(part, z, a, 1.15, noise=noise[:-1]) for m, part in zip(members, parts)]
+    new_state, z_next, _, done = each.imagine_step(state, z, a, 1.15, noise=noise)
+    for row in range(6):
+        torch.testing.assert_close(z_next[row], own[row % 3][1][row])
+    torch.testing.assert_close(done, own[0][3])  # the first member still judges (ensemble_done: first)
+    for k in range(3):  # every member steps its own state on the same z and a
+        torch.testing.assert_close(new_state[2 * k], own[k][0][0])
+    # C reads the first member's h' beside the mover's z'
+    torch.testing.assert_close(each.features(new_state, z_next, "zh"), torch.cat([z_next, own[0][0][0]], 1))
+
+
+class DriftM(FakeM):
+    """z' = z + drift (every coordinate); a death where the z it reads has z_0 >= 5."""
+
+    def __init__(self, drift: float):
+        super().__init__(short=100, long=100)
+        self.drift = drift
+
+    def imagine_step(self, state, z, action, temperature, generator=None, noise=None):
+        state, _, r, _ = super().imagine_step(state, z, action, temperature, generator, noise)
+        return state, z + self.drift, r, (z[:, 0] >= 5).float()
+
+
+@pytest.mark.parametrize("moves, lengths", [("first", [6, 6, 6, 6, 6]), ("each", [4, 6, 4, 6, 6])])
+def test_a_streams_mover_holds_as_dreams_end_around_it(moves, lengths):
+    # The first member drifts by 1 (z_0 reaches 5 at step 6), the second by 2 (reaches 6 at step 4).
+    ensemble = Ensemble([DriftM(1.0), DriftM(2.0)], moves=moves)
+    spec = ControllerSpec.for_env("takecover", ensemble.feature_dim("zh"))
+    res = dream_rollouts(ensemble, bias_params(spec, [1.0] * 5), spec, torch.zeros(5, 3),
+                         DreamSettings(max_steps=20, reward="alive"), torch.Generator().manual_seed(0),
+                         streams=torch.tensor([1, 2, 3, 0, 2]))  # stream s: member s mod 2
+    assert res.lengths.tolist() == lengths
+
+
+def test_each_needs_an_ensemble_and_reaches_the_dream(tmp_path):
+    with pytest.raises(UserError, match="cmaes.ensemble_moves: each needs model.ensemble >= 2"):
+        _run(tmp_path / "one", overrides=["cmaes.ensemble_moves=each"])
+    run = _run(tmp_path / "two", overrides=["model.ensemble=2", "model.epochs=1", "cmaes.ensemble_moves=each",
+                                           "env.name=carracing"])
+    train_m(run)
+    assert load_world_model(run).moves_each
+    with pytest.raises(ValueError, match="moves"):
+        Ensemble([ScaledM(1.0)], moves="last")
+
+
 # ----------------------------------------------------------------- the hazard critic
 
 class HazardM(FakeM):

@@ -146,6 +146,7 @@ class ControllerConfig:
 
 
 ENSEMBLE_DONE_RULES = ("first", "max", "mean")  # cmaes.ensemble_done; worldmodel/ensemble.py
+ENSEMBLE_MOVERS = ("first", "each")  # cmaes.ensemble_moves; worldmodel/ensemble.py
 
 
 @dataclass
@@ -162,6 +163,11 @@ class CMAESConfig:
                             doc="whose P(done) ends a dream (model.ensemble > 1): the first member's, the "
                                 "highest of the members' (the dream ends where any of them expects a death), "
                                 "or their mean; worldmodel/ensemble.py")
+    ensemble_moves: str = _f("first", choices=ENSEMBLE_MOVERS,
+                             doc="whose z samples move a dream (model.ensemble > 1): the first member's "
+                                 "(m.pt) in every dream, or each member's in turn (noise stream s follows "
+                                 "member s mod K all the way), so that C cannot thrive on one M's mistakes; "
+                                 "C reads the first member's state either way")
     hazard_penalty: float = _f(0.0, low=0.0, doc="lambda: a TakeCover dream step pays 1 - min(1, lambda * P_H), "
                                                   "P_H the hazard critic's P(death within model.hazard_horizon "
                                                   "steps): a step in danger earns less, the dream goes on")
@@ -384,9 +390,10 @@ def validate(cfg: Config) -> None:
     if cfg.cmaes.hazard_penalty > 0 and cfg.env.name != "takecover":
         raise UserError(f"config cmaes.hazard_penalty: {cfg.cmaes.hazard_penalty} is for TakeCover's survival "
                         f"reward, not {cfg.env.name} (set it to 0)")
-    if cfg.cmaes.ensemble_done != "first" and cfg.model.ensemble < 2:
-        raise UserError(f"config cmaes.ensemble_done: {cfg.cmaes.ensemble_done} needs model.ensemble >= 2 "
-                        f"(is {cfg.model.ensemble})")
+    for key in ("ensemble_done", "ensemble_moves"):
+        if getattr(cfg.cmaes, key) != "first" and cfg.model.ensemble < 2:
+            raise UserError(f"config cmaes.{key}: {getattr(cfg.cmaes, key)} needs model.ensemble >= 2 "
+                            f"(is {cfg.model.ensemble})")
 
 
 # ----------------------------------------------------------------- files and overrides

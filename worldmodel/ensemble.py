@@ -32,18 +32,26 @@ game.  Where none of these reads it (a run whose critic only shields the agent i
 the dream does not step the critic at all: its state stays as it began, and a dream step costs
 one M less.
 
-Only the first member (``m.pt``) moves the dream: its z sample, its done probability
+By default only the first member (``m.pt``) moves the dream: its z sample, its done probability
 and its features for the controller, exactly as without an ensemble (and it alone is
 thinned by ``cmaes.dream_dropout``); the others
 (``m1.pt``, ``m2.pt``, ..., and the critic) follow the same z's and actions with their own
-states, and only their rewards and done probabilities are used.  In the real game the agent needs the first member alone.
+states, and only their rewards and done probabilities are used.  A controller evolved so
+can still thrive on the first member's own mistakes about what comes next (a fireball that
+fades where it should grow).  With ``cmaes.ensemble_moves: each`` the members take turns:
+noise stream s (the dreams of every candidate that share it) follows member s mod K's z
+samples all the way, as PETS (Chua et al. 2018) propagates each particle through one
+bootstrap, so a controller must last in every member's world.  Every member then draws its
+z from the same noise, and the mover's z replaces the first member's in place; C still reads
+the first member's state, which now, as in the real game, observes z's it did not predict.
+In the real game the agent needs the first member alone.
 """
 
 from __future__ import annotations
 
 import torch
 
-from worldmodel.config import ENSEMBLE_DONE_RULES
+from worldmodel.config import ENSEMBLE_DONE_RULES, ENSEMBLE_MOVERS
 from worldmodel.m import State, WorldModel
 
 
@@ -52,14 +60,18 @@ class Ensemble(WorldModel):
 
     def __init__(self, members: list[WorldModel], disagreement: float = 0.0, done: str = "first",
                  critic: WorldModel | None = None, hazard_penalty: float = 0.0, hazard_threshold: float = 1.0,
-                 dream_shield: float = 0.0):
+                 dream_shield: float = 0.0, moves: str = "first"):
         """``critic``: the hazard critic, judged after the members (its state comes last).
-        ``dream_shield``: the margin of the critic's shield in the dream (0: none)."""
+        ``dream_shield``: the margin of the critic's shield in the dream (0: none).
+        ``moves``: ``first`` or ``each`` (``cmaes.ensemble_moves``, above)."""
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
         if done not in ENSEMBLE_DONE_RULES:
             raise ValueError(f"done rule must be one of {ENSEMBLE_DONE_RULES}, got {done!r}")
+        if moves not in ENSEMBLE_MOVERS:
+            raise ValueError(f"moves must be one of {ENSEMBLE_MOVERS}, got {moves!r}")
+        self.moves_each = moves == "each" and len(members) > 1
         if critic is None and (hazard_penalty > 0 or hazard_threshold < 1 or dream_shield > 0):
             raise ValueError("a hazard penalty, threshold or shield needs a hazard critic")
         self.done_rule = done
@@ -122,7 +134,13 @@ class Ensemble(WorldModel):
             m.set_dream_precision(dtype)
 
     def sample_noise(self, batch_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
-        return self.members[0].sample_noise(batch_size, generator)
+        """The first member's noise; with ``moves: each`` then row s's mover, s mod K (B,) int64,
+        drawn from nothing, so the dreams that share a stream share a mover however they are
+        compacted, and the random numbers are the same as with ``first``."""
+        noise = self.members[0].sample_noise(batch_size, generator)
+        if not self.moves_each:
+            return noise
+        return (*noise, torch.arange(batch_size, device=noise[0].device) % self.n_members)
 
     def dropout_masks(self, batch_size: int, rate: float, generator: torch.Generator | None) -> torch.Tensor:
         """The first member's masks: it alone moves the dream, so it alone is thinned."""
@@ -133,15 +151,31 @@ class Ensemble(WorldModel):
                      noise: tuple[torch.Tensor, ...] | None = None, dropout: torch.Tensor | None = None):
         parts = self._split(state)
         thinned = {} if dropout is None else {"dropout": dropout}
+        mover = None
+        if self.moves_each:
+            if noise is None and temperature > 0:  # one draw for all members, as the first would make
+                noise = self.sample_noise(z.shape[0], generator)
+            if noise is None:  # τ = 0 draws nothing
+                mover = torch.arange(z.shape[0], device=z.device) % self.n_members
+            else:
+                *noise, mover = noise
+                noise = tuple(noise)
         first_state, z_next, reward, done = self.members[0].imagine_step(parts[0], z, action, temperature,
                                                                         generator, noise, **thinned)
         new_state, rewards, dones = list(first_state), [reward], [done]
         judged = self.members[1:] if not self.has_critic or self.dreams_critic else self.members[1:-1]
-        for m, part in zip(judged, parts[1:]):
-            s, r, d = m.judge_step(part, z, action)  # the others draw no z of their own
+        moved = z_next.clone() if mover is not None else None
+        for k, (m, part) in enumerate(zip(judged, parts[1:]), start=1):
+            if mover is not None and k < self.n_members:  # a member draws its own z from the same noise
+                s, z_k, r, d = m.imagine_step(part, z, action, temperature, generator, noise)
+                moved = torch.where((mover == k).unsqueeze(1), z_k, moved)
+            else:
+                s, r, d = m.judge_step(part, z, action)  # the others draw no z of their own
             new_state += list(s)
             rewards.append(r)
             dones.append(d)
+        if moved is not None:
+            z_next.copy_(moved)  # in place: the first member's row buffer holds z' for C's features
         hazard = None
         if self.has_critic and not self.dreams_critic:  # unread: its state passes through
             new_state += list(parts[-1])
