@@ -138,9 +138,11 @@ class Ensemble(WorldModel):
         drawn from nothing, so the dreams that share a stream share a mover however they are
         compacted, and the random numbers are the same as with ``first``."""
         noise = self.members[0].sample_noise(batch_size, generator)
-        if not self.moves_each:
-            return noise
-        return (*noise, torch.arange(batch_size, device=noise[0].device) % self.n_members)
+        return (*noise, self._movers(batch_size, noise[0].device)) if self.moves_each else noise
+
+    def _movers(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Row s's mover under ``moves: each``: member s mod K, (B,) int64."""
+        return torch.arange(batch_size, device=device) % self.n_members
 
     def dropout_masks(self, batch_size: int, rate: float, generator: torch.Generator | None) -> torch.Tensor:
         """The first member's masks: it alone moves the dream, so it alone is thinned."""
@@ -156,7 +158,7 @@ class Ensemble(WorldModel):
             if noise is None and temperature > 0:  # one draw for all members, as the first would make
                 noise = self.sample_noise(z.shape[0], generator)
             if noise is None:  # τ = 0 draws nothing
-                mover = torch.arange(z.shape[0], device=z.device) % self.n_members
+                mover = self._movers(z.shape[0], z.device)
             else:
                 *noise, mover = noise
                 noise = tuple(noise)
@@ -164,18 +166,16 @@ class Ensemble(WorldModel):
                                                                         generator, noise, **thinned)
         new_state, rewards, dones = list(first_state), [reward], [done]
         judged = self.members[1:] if not self.has_critic or self.dreams_critic else self.members[1:-1]
-        moved = z_next.clone() if mover is not None else None
         for k, (m, part) in enumerate(zip(judged, parts[1:]), start=1):
             if mover is not None and k < self.n_members:  # a member draws its own z from the same noise
                 s, z_k, r, d = m.imagine_step(part, z, action, temperature, generator, noise)
-                moved = torch.where((mover == k).unsqueeze(1), z_k, moved)
+                rows = mover == k  # in place: the first member's row buffer holds z' for C's features
+                z_next[rows] = z_k[rows]
             else:
                 s, r, d = m.judge_step(part, z, action)  # the others draw no z of their own
             new_state += list(s)
             rewards.append(r)
             dones.append(d)
-        if moved is not None:
-            z_next.copy_(moved)  # in place: the first member's row buffer holds z' for C's features
         hazard = None
         if self.has_critic and not self.dreams_critic:  # unread: its state passes through
             new_state += list(parts[-1])
