@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.controller import ControllerSpec, act_batched, add_action_noise, load_controller
+from agents.controller import ControllerSpec, act_batched, add_action_noise, load_committee, load_controller
 from agents.shield import shield_actions
-from worldmodel.config import Config
+from worldmodel.config import Config, from_dict
 from worldmodel.errors import UserError
 from worldmodel.m import State, WorldModel
 from worldmodel.runs import Run
@@ -122,22 +122,102 @@ class Agent:
     @torch.no_grad()
     def act(self, frames: np.ndarray) -> np.ndarray:
         """frames uint8 (B, 64, 64, 3) -> actions float32 (B, A); advances M's state."""
+        z = self.encode(frames)
+        return self.to_game(self.commit(z, self.propose(z)))
+
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        """V's z of each frame (B, Z): the posterior mean, or a sample with ``real_z: sample``."""
         mu, logvar = self.vae.encode(preprocess(frames, self.device))
-        z = mu
         if self.real_z == "sample":
-            z = mu + (0.5 * logvar).exp() * self._normal(mu.shape[1])
+            return mu + (0.5 * logvar).exp() * self._normal(mu.shape[1])
+        return mu
+
+    def propose(self, z: torch.Tensor) -> torch.Tensor:
+        """C's actions (B, A) for z and M's state (with ``action_noise``); M does not move yet."""
         features = self.m.features(self.state, z, self.features)
-        actions = act_batched(self.spec, self.params if self.per_env else self.params.expand(len(frames), -1), features)
+        actions = act_batched(self.spec, self.params if self.per_env else self.params.expand(len(z), -1), features)
         if self.action_noise > 0:  # M observes the action taken, as in the dream
             actions = add_action_noise(self.spec, actions, self.action_noise, self._normal(actions.shape[1]))
+        return actions
+
+    def commit(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Play ``actions`` (B, A): the shield may replace some; M (and the critic) observe what is
+        played.  Returns the actions played."""
         if self.critic is not None:
             actions, replaced = shield_actions(self.critic, self.critic_state, z, actions, self.shield)
             self.overrides += replaced.cpu().numpy()
             self.critic_state = self.critic.observe(self.critic_state, z, actions)
         self.state, self.last_z = self.m.observe(self.state, z, actions), z
-        if self.real_noise > 0:  # after M has observed: noise of the real game alone
+        return actions
+
+    def to_game(self, actions: torch.Tensor) -> np.ndarray:
+        """The actions M observed, as the game gets them (plus ``real_noise``, which M does not see)."""
+        if self.real_noise > 0:
             actions = add_action_noise(self.spec, actions, self.real_noise, self._normal(actions.shape[1]))
         return actions.cpu().numpy()
+
+
+class Committee:
+    """Several agents that share V and play one action: the median of their controllers' actions.
+
+    Each member has its own C and the M it was checked with (an earlier iteration's, say); every
+    M observes the action played.  The first member leads: its critic alone shields the vote
+    (``controller.shield``), and its ``overrides`` and ``last_z`` are the committee's.  For
+    TakeCover, whose game reads an action as left, stay or right by thirds, the median of three
+    is the majority's move, and "stay" where all three differ.
+    """
+
+    def __init__(self, members: list[Agent]):
+        if not members:
+            raise ValueError("a committee needs at least one agent")
+        if any(m.critic is not None for m in members[1:]):
+            raise ValueError("only the committee's first agent may shield")
+        self.members, self.lead = members, members[0]
+
+    critic = property(lambda self: self.lead.critic)
+    overrides = property(lambda self: self.lead.overrides)
+    last_z = property(lambda self: self.lead.last_z)
+
+    def reset(self, batch_size: int, seeds: list[int] | None = None) -> None:
+        for member in self.members:
+            member.reset(batch_size, seeds)
+
+    def keep(self, rows: np.ndarray | list[int]) -> None:
+        for member in self.members:
+            member.keep(rows)
+
+    @torch.no_grad()
+    def act(self, frames: np.ndarray) -> np.ndarray:
+        z = self.lead.encode(frames)
+        votes = torch.stack([member.propose(z) for member in self.members])
+        actions = self.lead.commit(z, votes.median(dim=0).values)
+        for member in self.members[1:]:
+            member.commit(z, actions)
+        return self.lead.to_game(actions)
+
+
+def load_agent(run_dir: str | Path, cfg: Config, device: torch.device | str = "cpu") -> Agent | Committee:
+    """The run's agent as ``evaluate`` plays it: its controller, or with ``controller.committee`` > 1
+    the committee ``select`` kept in ``committee.pt`` (none kept: the controller alone)."""
+    run = Run(Path(run_dir), cfg)
+    lead = Agent.from_run(run.dir, cfg, device=device)
+    path = run.committee_path
+    if cfg.controller.committee < 2 or not path.exists():
+        return lead
+    params, m_ids, _ = load_committee(path, lead.spec)
+    if len(params) != cfg.controller.committee or not np.array_equal(params[0], lead.params[0].cpu().numpy()):
+        what = (f"has {len(params)} controllers, controller.committee is {cfg.controller.committee}"
+                if len(params) != cfg.controller.committee else "leads with another controller than controller.pt")
+        raise UserError(f"{path}: {what}; run `python run.py dream --run {run_dir}` to select again "
+                        "(or --set controller.committee=1)")
+    quiet = from_dict({"controller": {"shield": 0.0}}, base=cfg)  # the leader alone shields
+    members = [lead]
+    for p, m_id in zip(params[1:], m_ids[1:]):
+        m_path = None if m_id == m_ids[0] else run.m_snapshot_path(m_id)
+        if m_path is not None and not m_path.exists():
+            raise UserError(f"{m_path}: not found; {path} plays a controller with that M")
+        members.append(Agent.from_run(run.dir, quiet, p, device=device, m_path=m_path))
+    return Committee(members)
 
 
 class NoisyAgentPolicy:

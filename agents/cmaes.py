@@ -74,8 +74,6 @@ from worldmodel.torch_utils import resolve_device
 EvaluateFn = Callable[..., list]
 
 STATE_FILE = "cmaes.pkl"
-#: Copies of every M that real checks were played with, named by :func:`weights_fingerprint`.
-M_HISTORY_DIR = "m_history"
 DREAM_CONTROLLER_FILE = "controller_dream.pt"
 STATE_VERSION = 1
 #: Seed handed to ``evaluate_fn`` (plus ``cmaes.seed``): the same episodes at every check,
@@ -97,9 +95,9 @@ def weights_fingerprint(m: torch.nn.Module) -> str:
 
 
 def m_snapshot_path(run: Run, m_id: str, member: int = 0) -> Path:
-    """Where the M with fingerprint ``m_id`` is kept: ``m_history/<m_id>.pt``; an ensemble's
-    other members beside it (``<m_id>.m1.pt`` ...)."""
-    return run.dir / M_HISTORY_DIR / (f"{m_id}.pt" if member == 0 else f"{m_id}.m{member}.pt")
+    """Where the copy of the M with fingerprint ``m_id`` (:func:`weights_fingerprint`) is kept:
+    ``m_history/<m_id>.pt``; an ensemble's other members beside it (``<m_id>.m1.pt`` ...)."""
+    return run.m_snapshot_path(m_id, member)
 
 
 def current_m_id(run: Run) -> str:

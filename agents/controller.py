@@ -204,3 +204,27 @@ def load_controller(path: str | os.PathLike, expected_params: int | None = None,
             raise UserError(f"{path}: evolved with controller.brake {evolved!r}, this config says "
                             f"{spec.brake!r}; set controller.brake: {evolved} to play it")
     return params, dict(meta)
+
+
+def save_committee(path: str | os.PathLike, params: np.ndarray, m_ids: list[str], meta: dict[str, Any]) -> None:
+    """Write a committee (agents/agent.py): ``{"params": float32 (N, P), "m": [the fingerprint of the M
+    each controller plays with, "" for the run's own], "meta": {...}}``, the leader first."""
+    params = torch.as_tensor(np.asarray(params, dtype=np.float32)).clone()
+    save_checkpoint(path, {"params": params, "m": [str(m) for m in m_ids], "meta": dict(meta)})
+
+
+def load_committee(path: str | os.PathLike, spec: ControllerSpec) -> tuple[np.ndarray, list[str], dict]:
+    """Read a committee written by :func:`save_committee` (``weights_only``) -> (params (N, P),
+    M fingerprints, meta); a file of another shape is a :class:`UserError` naming it."""
+    path = Path(path)
+    data = load_checkpoint(path)
+    params = data.get("params") if isinstance(data, dict) else None
+    m_ids = data.get("m") if isinstance(data, dict) else None
+    if not isinstance(params, torch.Tensor) or params.ndim != 2 or len(params) < 2:
+        raise UserError(f"{path}: not a committee file (no 'params' tensor of two controllers or more)")
+    if params.shape[1] != spec.num_params:
+        raise UserError(f"{path}: controllers have {params.shape[1]} parameters, this config expects {spec.num_params}")
+    if not (isinstance(m_ids, list) and len(m_ids) == len(params) and all(isinstance(m, str) for m in m_ids)):
+        raise UserError(f"{path}: 'm' must name the M of each of its {len(params)} controllers")
+    return params.to(torch.float32).numpy().copy(), m_ids, dict(data.get("meta") or {})
+

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 import envs
-from agents.agent import Agent
+from agents.agent import Agent, Committee, load_agent
 from agents.policies import PacingPolicy, RandomPolicy
 from agents.workers import default_workers, run_tasks
 from worldmodel import config as config_lib
@@ -33,6 +33,19 @@ from worldmodel.io import write_json
 from worldmodel.runs import Run, unrecorded_changes
 
 ENVS_PER_TASK = 8
+
+
+def _agent(task: dict, cfg) -> Agent | Committee:
+    """The task's agent: the run's (``load_agent``: a committee where select kept one), ``params``
+    with ``m_path``, or a committee of ``task["committee"]`` = [(params, m_path or None), ...],
+    the first one leading."""
+    if not task.get("committee"):
+        if task.get("params") is None and task.get("m_path") is None:
+            return load_agent(task["run"], cfg)
+        return Agent.from_run(task["run"], cfg, task.get("params"), m_path=task.get("m_path"))
+    quiet = config_lib.from_dict({"controller": {"shield": 0.0}}, base=cfg)
+    return Committee([Agent.from_run(task["run"], cfg if i == 0 else quiet, params, m_path=m_path)
+                      for i, (params, m_path) in enumerate(task["committee"])])
 
 
 def _video_path(task: dict, seed: int) -> Path | None:
@@ -49,7 +62,7 @@ def play(task: dict) -> list[dict]:
     frames = np.stack([env.reset(seed=s)[0] for env, s in zip(games, seeds)])
     videos = {i: [env.render()] for i, (env, s) in enumerate(zip(games, seeds)) if _video_path(task, s)}
     if task["policy"] == "agent":
-        agent = Agent.from_run(task["run"], cfg, task.get("params"), m_path=task.get("m_path"))
+        agent = _agent(task, cfg)
         agent.reset(len(seeds), seeds)
     else:  # a baseline: one policy per environment, its draws from the episode's seed
         baselines = [PacingPolicy(cfg.eval.pacer_steps) if task["policy"] == "pacing"
@@ -102,11 +115,13 @@ def _stats(returns: list[float]) -> dict:
 
 def play_many(run: Run, policy: str, seeds: list[int], params: np.ndarray | None = None,
               workers: int | None = None, backend: str | None = None, video_seeds: tuple = (),
-              progress: bool = False, desc: str = "evaluate", m_path: Path | None = None) -> list[dict]:
+              progress: bool = False, desc: str = "evaluate", m_path: Path | None = None,
+              committee: list[tuple[np.ndarray, Path | None]] | None = None) -> list[dict]:
     """Play ``seeds`` with the agent (``policy="agent"``) or a baseline ("random", "pacing"), in parallel.
 
     ``params``: the agent's controller (P,), or one per seed (len(seeds), P); None: the run's.
-    ``m_path``: the agent's M, when not the run's m.pt.  Results come in the order of ``seeds``
+    ``m_path``: the agent's M, when not the run's m.pt.  ``committee``: [(params, m_path), ...]
+    to play a :class:`Committee` of those agents instead (then ``params`` is ignored).  Results come in the order of ``seeds``
     (which may repeat: several controllers on one seed)."""
     cfg = run.cfg
     workers = workers or cfg.eval.workers or default_workers()
@@ -116,7 +131,8 @@ def play_many(run: Run, policy: str, seeds: list[int], params: np.ndarray | None
     if per_seed and len(params) != len(seeds):
         raise ValueError(f"{len(params)} controllers for {len(seeds)} seeds")
     base = {"run": str(run.dir), "config": config_lib.to_dict(cfg), "policy": policy, "params": params,
-            "video_seeds": tuple(video_seeds), "m_path": None if m_path is None else str(m_path)}
+            "video_seeds": tuple(video_seeds), "m_path": None if m_path is None else str(m_path),
+            "committee": [(np.asarray(p, np.float32), None if m is None else str(m)) for p, m in committee or ()]}
     tasks = [{**base, "name": f"{policy} seeds {seeds[i]}..", "start": i, "seeds": seeds[i:i + per_task],
               **({"params": params[i:i + per_task]} if per_seed else {})}
              for i in range(0, len(seeds), per_task)]
@@ -132,13 +148,15 @@ def play_many(run: Run, policy: str, seeds: list[int], params: np.ndarray | None
     return results
 
 
-def evaluate_params(run: Run, params: np.ndarray, episodes: int, seed: int,
+def evaluate_params(run: Run, params: np.ndarray | None, episodes: int, seed: int,
                     workers: int | None = None, backend: str | None = None,
-                    m_path: Path | None = None) -> list[float]:
+                    m_path: Path | None = None, committee: list | None = None) -> list[float]:
     """Real-environment returns of controller ``params`` (with M ``m_path``, default the run's
-    m.pt) on seeds seed .. seed+episodes-1, in seed order."""
+    m.pt), or of a ``committee`` [(params, m_path), ...], on seeds seed .. seed+episodes-1, in
+    seed order."""
     seeds = list(range(seed, seed + episodes))
-    return [r["return"] for r in play_many(run, "agent", seeds, params, workers, backend, m_path=m_path)]
+    return [r["return"] for r in play_many(run, "agent", seeds, params, workers, backend, m_path=m_path,
+                                           committee=committee)]
 
 
 def dream_score(run: Run, episodes: int, seed: int, policy: str | Callable[[int], float] = "agent",
@@ -230,7 +248,7 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
     episodes = episodes or cfg.eval.episodes
     path = report_path(run, episodes)
     seeds = list(range(cfg.eval.seed, cfg.eval.seed + episodes))
-    Agent.from_run(run.dir, cfg)  # fail fast, in this process, on a missing or mismatched model
+    members = getattr(load_agent(run.dir, cfg), "members", [None])  # fail fast, here, on a missing or mismatched model
     video_seeds = tuple(seeds[: cfg.eval.video_episodes]) if video else ()
     start = time.perf_counter()
     agent = play_many(run, "agent", seeds, None, workers, backend, video_seeds, progress, "agent")
@@ -252,6 +270,7 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
         "max_steps": cfg.env.max_steps,
         "real_noise": cfg.controller.real_noise,
         "shield": cfg.controller.shield,
+        **({"committee": len(members)} if len(members) > 1 else {}),
         "agent": {**_stats([r["return"] for r in agent]), "episodes_detail": agent},
         "random": {**_stats([r["return"] for r in random]), "episodes_detail": random},
         **({"pacing": {**_stats([r["return"] for r in pacing]), "pacer_steps": cfg.eval.pacer_steps,
@@ -274,6 +293,8 @@ def scores(report: dict) -> dict[str, str]:
                  f"over {a['episodes']} episodes",
         "random policy": f"{r['mean']:.1f} ± {r['std']:.1f} on the same seeds",
     }
+    if report.get("committee"):
+        lines["committee"] = f"select's {report['committee']} best controllers played together (the median action)"
     if report.get("shield"):
         detail = a.get("episodes_detail", [])
         replaced = sum(e.get("shielded", 0) for e in detail) / max(1, sum(e["steps"] for e in detail))

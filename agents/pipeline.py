@@ -20,8 +20,8 @@ from worldmodel.runs import Run
 
 
 def _real_check(run: Run, workers: int | None, backend: str | None):
-    def real_check(params: np.ndarray, episodes: int, seed: int, m_path=None) -> list[float]:
-        return evaluate_params(run, params, episodes, seed, workers, backend, m_path)
+    def real_check(params: np.ndarray | None, episodes: int, seed: int, m_path=None, committee=None) -> list[float]:
+        return evaluate_params(run, params, episodes, seed, workers, backend, m_path, committee)
 
     return real_check
 
@@ -48,11 +48,14 @@ def select(run: Run, workers: int | None = None, backend: str | None = None) -> 
 def _current_report(run: Run) -> dict | None:
     """eval.json when it scored the current controller on (at least) the episodes the config asks for.
 
-    None when there is none, when the controller is newer, or when it covers fewer episodes
-    or other seeds than ``eval`` names (e.g. after ``--set eval.episodes=100``).
+    None when there is none, when the controller (or select's committee) is newer, or when it
+    covers fewer episodes or other seeds than ``eval`` names (e.g. after ``--set eval.episodes=100``).
     """
-    path, controller = run.path("eval.json"), run.controller_path
+    path, controller, committee = run.path("eval.json"), run.controller_path, run.committee_path
     if not (path.exists() and controller.exists() and path.stat().st_mtime > controller.stat().st_mtime):
+        return None
+    members = run.cfg.controller.committee if run.cfg.controller.committee > 1 and committee.exists() else 1
+    if members > 1 and committee.stat().st_mtime > path.stat().st_mtime:
         return None
     cfg = run.cfg.eval
     try:
@@ -62,6 +65,7 @@ def _current_report(run: Run) -> dict | None:
                   and episodes >= cfg.episodes and report["random"]["episodes"] == episodes
                   and report.get("real_noise", 0.0) == run.cfg.controller.real_noise
                   and report.get("shield", 0.0) == run.cfg.controller.shield
+                  and report.get("committee", 1) == members
                   and (not cfg.pacer_steps or report.get("pacing", {}).get("pacer_steps") == cfg.pacer_steps))
     except (OSError, ValueError, KeyError, IndexError, TypeError):  # unreadable: evaluate again
         return None

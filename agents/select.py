@@ -22,6 +22,10 @@ Scores are cached in ``select.json`` per (episodes, seed, how the agent acts: ``
 ``controller.action_noise``, ``controller.real_noise`` and CarRacing's ``controller.brake``) and
 generation, so a rerun plays only controllers not yet scored under the same rules;
 ``controller.pt`` is rewritten only when the choice changes.
+
+With ``controller.committee`` = N > 1 the N best on the fresh episodes are also played together
+(:class:`agents.agent.Committee`: each with its own M, the median action) on the same episodes;
+where they beat the best alone they are kept in ``committee.pt`` for ``evaluate``, else it is removed.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from agents.cmaes import STATE_FILE, EvaluateFn, check_key, current_m_id, load_state, m_snapshot_path
-from agents.controller import load_controller, save_controller
+from agents.controller import load_controller, save_committee, save_controller
 from worldmodel.config import LEGACY_BRAKE
-from worldmodel.io import atomic_path, write_json
+from worldmodel.io import atomic_path, load_checkpoint, write_json
 from worldmodel.runs import Run
 
 SELECT_SEED_BASE = 2_000_000
@@ -119,8 +123,10 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None
             write_json(run.path(SELECT_FILE), cache)
             print(f"   select: {_name(check)}: check {check['real_score']:.1f}, "
                   f"{c.select_episodes} fresh episodes {returns.mean():.1f} ± {returns.std():.1f}", flush=True)
-    best = max(top, key=lambda ch: scores[check_key(ch)]["mean"])
+    ranked = sorted(top, key=lambda ch: -scores[check_key(ch)]["mean"])
+    best = ranked[0]
     chosen = scores[check_key(best)]
+    committee = _committee(run, ranked, scores, cache, evaluate_fn, seed, m_id)
     if best.get("m") not in (None, m_id):  # checked with an earlier M: the agent plays with that one
         for k in range(run.m_files):
             with atomic_path(run.member_path(k)) as tmp:
@@ -139,4 +145,37 @@ def select_controller(run: Run, evaluate_fn: EvaluateFn, m_id: str | None = None
             "select_score": chosen["mean"], "m": best.get("m"),
             "select_std": chosen["std"], "check_score": chosen["check_score"],
             "candidates": {check_key(ch): scores[check_key(ch)]["mean"] for ch in top},
-            "controller_path": str(run.controller_path)}
+            **committee, "controller_path": str(run.controller_path)}
+
+
+def _committee(run: Run, ranked: list[dict[str, Any]], scores: dict[str, Any], cache: dict[str, Any],
+               evaluate_fn: EvaluateFn, seed: int, m_id: str | None) -> dict[str, Any]:
+    """With ``controller.committee`` = N > 1: play the N best of ``ranked`` (select's candidates, best
+    first) together on select's episodes, and keep them in ``committee.pt`` where their mean beats
+    the best's alone; otherwise, or with N = 1, no ``committee.pt``.  -> summary lines."""
+    path, n = run.committee_path, run.cfg.controller.committee
+    members = ranked[:n]
+    if n < 2 or len(members) < n:
+        path.unlink(missing_ok=True)
+        return {} if n < 2 else {"committee": f"none ({len(members)} candidates for {n} members)"}
+    key = "committee of " + ", ".join(check_key(ch) for ch in members)
+    ms = [ch.get("m") for ch in members]
+    if key not in scores or scores[key].get("m") != ms:
+        returns = np.asarray(evaluate_fn(None, run.cfg.cmaes.select_episodes, seed, committee=[
+            (ch["params"].copy(), earlier_m(run, ch, m_id).get("m_path")) for ch in members]), np.float64)
+        scores[key] = {"mean": float(returns.mean()), "std": float(returns.std()), "m": ms}
+        write_json(run.path(SELECT_FILE), cache)
+    score, alone = scores[key]["mean"], scores[check_key(members[0])]["mean"]
+    names = ", ".join(_name(ch) for ch in members)
+    print(f"   select: {names} together: {run.cfg.cmaes.select_episodes} fresh episodes {score:.1f} ± "
+          f"{scores[key]['std']:.1f} ({'kept' if score > alone else 'not kept'}: {_name(members[0])} "
+          f"alone {alone:.1f})", flush=True)
+    if score <= alone:
+        path.unlink(missing_ok=True)
+        return {"committee": f"not kept ({names}: {score:.1f}, the best alone {alone:.1f})"}
+    params, m_ids = np.stack([ch["params"] for ch in members]).astype(np.float32), [m or "" for m in ms]
+    kept = load_checkpoint(path) if path.exists() else {}
+    if not (np.array_equal(np.asarray(kept.get("params")), params) and kept.get("m") == m_ids):  # else as it is
+        save_committee(path, params, m_ids, {"members": [check_key(ch) for ch in members], "select_score": score,
+                                             "select_episodes": run.cfg.cmaes.select_episodes})
+    return {"committee": f"kept ({names})", "committee_score": score}

@@ -140,6 +140,12 @@ class ControllerConfig:
                            "takes that hold instead; 0 = off.  A play-time setting like real_noise: checks, select, "
                            "evaluate (its videos too) and iterate's collection play it; the dream only with "
                            "cmaes.dream_shield")
+    committee: int = _f(1, low=1,
+                        doc="the agent in evaluate: the best this many of select's controllers played together, "
+                            "each with the M it was checked with, every step the median of their actions "
+                            "(agents/agent.py, Committee), when that beats the best alone on select's "
+                            "episodes; 1 = the best alone.  A play-time setting: needs "
+                            "cmaes.select_episodes > 0 and cmaes.select_top >= this")
     brake: str = _f("clip", choices=BRAKE_SQUASHES,
                     doc="CarRacing's brake from C's output y: clip(tanh y, 0, 1) as in the paper's code, "
                         "or (tanh y + 1) / 2 (half the brake at y = 0; agents/controller.py)")
@@ -390,6 +396,11 @@ def validate(cfg: Config) -> None:
     if cfg.cmaes.hazard_penalty > 0 and cfg.env.name != "takecover":
         raise UserError(f"config cmaes.hazard_penalty: {cfg.cmaes.hazard_penalty} is for TakeCover's survival "
                         f"reward, not {cfg.env.name} (set it to 0)")
+    committee, c = cfg.controller.committee, cfg.cmaes
+    if committee > 1 and (c.select_episodes == 0 or c.select_top < committee):
+        raise UserError(f"config controller.committee: {committee} needs select to play that many controllers "
+                        f"(cmaes.select_episodes > 0, is {c.select_episodes}; cmaes.select_top >= {committee}, "
+                        f"is {c.select_top})")
     for key in ("ensemble_done", "ensemble_moves"):
         if getattr(cfg.cmaes, key) != "first" and cfg.model.ensemble < 2:
             raise UserError(f"config cmaes.{key}: {getattr(cfg.cmaes, key)} needs model.ensemble >= 2 "

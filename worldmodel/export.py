@@ -47,6 +47,16 @@ def export_run(run: Run, out: str | Path, episodes: int = 2) -> dict:
     for path in (run.vae_path, *members):
         save_checkpoint(out / path.name, _half(load_checkpoint(path)))
     shutil.copyfile(run.controller_path, out / run.controller_path.name)
+    if run.committee_path.exists():  # select's committee, with the M's its other controllers play with
+        data = load_checkpoint(run.committee_path)
+        m_ids = data.get("m") if isinstance(data, dict) else None
+        if not (isinstance(m_ids, list) and all(isinstance(m, str) for m in m_ids)):
+            raise UserError(f"{run.committee_path}: not a committee file (no list 'm' of M fingerprints)")
+        for m_id in sorted(set(m_ids[1:]) - {m_ids[0]}):
+            target = out / run.m_snapshot_path(m_id).relative_to(run.dir)
+            target.parent.mkdir(exist_ok=True)
+            save_checkpoint(target, _half(load_checkpoint(run.m_snapshot_path(m_id))))
+        shutil.copyfile(run.committee_path, out / run.committee_path.name)
     for path in latents:
         shutil.copyfile(path, out / "latents" / path.name)
         episode = run.episodes_dir / path.name

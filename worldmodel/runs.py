@@ -67,6 +67,16 @@ class Run:
     def controller_path(self) -> Path:
         return self.dir / "controller.pt"
 
+    @property
+    def committee_path(self) -> Path:
+        """select's committee (``controller.committee``; agents/agent.py): controllers and their M's."""
+        return self.dir / "committee.pt"
+
+    def m_snapshot_path(self, m_id: str, member: int = 0) -> Path:
+        """Where the M with fingerprint ``m_id`` is kept (agents/cmaes.py, ``keep_m_snapshot``):
+        ``m_history/<m_id>.pt``; an ensemble's other members beside it (``<m_id>.m1.pt`` ...)."""
+        return self.dir / "m_history" / (f"{m_id}.pt" if member == 0 else f"{m_id}.m{member}.pt")
+
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
 
