@@ -210,14 +210,19 @@ def load_agent(run_dir: str | Path, cfg: Config, device: torch.device | str = "c
                 if len(params) != cfg.controller.committee else "leads with another controller than controller.pt")
         raise UserError(f"{path}: {what}; run `python run.py dream --run {run_dir}` to select again "
                         "(or --set controller.committee=1)")
-    quiet = from_dict({"controller": {"shield": 0.0}}, base=cfg)  # the leader alone shields
-    members = [lead]
-    for p, m_id in zip(params[1:], m_ids[1:]):
-        m_path = None if m_id == m_ids[0] else run.m_snapshot_path(m_id)
+    m_paths = [None if m_id == m_ids[0] else run.m_snapshot_path(m_id) for m_id in m_ids[1:]]
+    for m_path in m_paths:
         if m_path is not None and not m_path.exists():
             raise UserError(f"{m_path}: not found; {path} plays a controller with that M")
-        members.append(Agent.from_run(run.dir, quiet, p, device=device, m_path=m_path))
-    return Committee(members)
+    return Committee([lead, *followers(run.dir, cfg, list(zip(params[1:], m_paths)), device)])
+
+
+def followers(run_dir: str | Path, cfg: Config, members: list[tuple[np.ndarray, str | Path | None]],
+              device: torch.device | str = "cpu") -> list[Agent]:
+    """A committee's members after its leader: each controller with its M (None: the run's m.pt),
+    without the shield, which the leader alone plays."""
+    quiet = from_dict({"controller": {"shield": 0.0}}, base=cfg)
+    return [Agent.from_run(run_dir, quiet, params, device=device, m_path=m_path) for params, m_path in members]
 
 
 class NoisyAgentPolicy:

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 import envs
-from agents.agent import Agent, Committee, load_agent
+from agents.agent import Agent, Committee, followers, load_agent
 from agents.policies import PacingPolicy, RandomPolicy
 from agents.workers import default_workers, run_tasks
 from worldmodel import config as config_lib
@@ -43,9 +43,8 @@ def _agent(task: dict, cfg) -> Agent | Committee:
         if task.get("params") is None and task.get("m_path") is None:
             return load_agent(task["run"], cfg)
         return Agent.from_run(task["run"], cfg, task.get("params"), m_path=task.get("m_path"))
-    quiet = config_lib.from_dict({"controller": {"shield": 0.0}}, base=cfg)
-    return Committee([Agent.from_run(task["run"], cfg if i == 0 else quiet, params, m_path=m_path)
-                      for i, (params, m_path) in enumerate(task["committee"])])
+    (params, m_path), *rest = task["committee"]
+    return Committee([Agent.from_run(task["run"], cfg, params, m_path=m_path), *followers(task["run"], cfg, rest)])
 
 
 def _video_path(task: dict, seed: int) -> Path | None:
@@ -248,7 +247,8 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
     episodes = episodes or cfg.eval.episodes
     path = report_path(run, episodes)
     seeds = list(range(cfg.eval.seed, cfg.eval.seed + episodes))
-    members = getattr(load_agent(run.dir, cfg), "members", [None])  # fail fast, here, on a missing or mismatched model
+    agent = load_agent(run.dir, cfg)  # fail fast, in this process, on a missing or mismatched model
+    members = len(agent.members) if isinstance(agent, Committee) else 1
     video_seeds = tuple(seeds[: cfg.eval.video_episodes]) if video else ()
     start = time.perf_counter()
     agent = play_many(run, "agent", seeds, None, workers, backend, video_seeds, progress, "agent")
@@ -270,7 +270,7 @@ def evaluate_run(run: Run, episodes: int | None = None, workers: int | None = No
         "max_steps": cfg.env.max_steps,
         "real_noise": cfg.controller.real_noise,
         "shield": cfg.controller.shield,
-        **({"committee": len(members)} if len(members) > 1 else {}),
+        **({"committee": members} if members > 1 else {}),
         "agent": {**_stats([r["return"] for r in agent]), "episodes_detail": agent},
         "random": {**_stats([r["return"] for r in random]), "episodes_detail": random},
         **({"pacing": {**_stats([r["return"] for r in pacing]), "pacer_steps": cfg.eval.pacer_steps,
