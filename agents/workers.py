@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from worldmodel.errors import UserError
-from worldmodel.torch_utils import THREAD_ENV_VARS
+from worldmodel.torch_utils import THREAD_ENV_VARS, available_cores
 
 Task = dict[str, Any]
 STOP_GRACE_S = 10.0  # time a stopping worker gets to close its environments before SIGKILL
@@ -35,7 +35,7 @@ class WorkerError(UserError):
 
 
 def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return available_cores()
 
 
 @contextmanager

@@ -321,7 +321,8 @@ def test_train_m_trains_the_critic_on_deaths_within_its_horizon(tmp_path, monkey
     import worldmodel.train_m as train_m_module
 
     run = _run(tmp_path, overrides=["model.ensemble=2", "model.epochs=1", "model.hazard_horizon=4",
-                                    "cmaes.hazard_threshold=0.9", "env.name=carracing"])  # three actions
+                                    "cmaes.hazard_threshold=0.9", "env.name=carracing",  # three actions
+                                    "model.workers=1"])  # in this process, where the spy is
     assert run.m_files == 3
     seen = {}
     real = train_m_module._train_member

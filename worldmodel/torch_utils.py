@@ -66,6 +66,11 @@ def autocast(device: torch.device, precision: torch.dtype | None):
     return torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the OS tells it)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def single_thread() -> None:
     """Pin this process to one BLAS / torch thread.
 

@@ -8,7 +8,10 @@ playing whole episodes in order with the state carried from window to window
 (``latents.lanes``; truncated backpropagation through time).  Held-out
 episodes give a validation loss split by term and the quality of the done
 head as the dream feels it.  Each epoch ends in an atomic checkpoint
-(``m_ckpt.pt``); rerunning the command resumes from it.
+(``m_ckpt.pt``); rerunning the command resumes from it.  A run with several M
+files (``model.ensemble``, ``model.hazard_horizon``) trains them side by side on
+a CPU, one single-thread process per core: each file's seeds and data are its
+own, so it comes out as it would alone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -38,7 +42,13 @@ from worldmodel.latents import (
 from worldmodel.m import WorldModel, build_m
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
-from worldmodel.torch_utils import autocast, cpu_has_native_bf16, resolve_device, resolve_precision
+from worldmodel.torch_utils import (
+    autocast,
+    available_cores,
+    cpu_has_native_bf16,
+    resolve_device,
+    resolve_precision,
+)
 
 NEEDS_V = "train-rnn needs V's latents: run `python run.py train-vae` first"
 CKPT_NAME = "m_ckpt.pt"
@@ -104,7 +114,7 @@ def vae_z_dim(run: Run) -> int:
 
 def _pass(m: WorldModel, data: Latents, z: np.ndarray, cfg: Config, device: torch.device,
           rng: np.random.Generator | None, opt: torch.optim.Optimizer | None, desc: str,
-          precision: torch.dtype | None = None) -> dict[str, float]:
+          precision: torch.dtype | None = None, position: int = 0) -> dict[str, float]:
     """Loss terms averaged over valid steps; trains when ``opt`` is given.
 
     precision: bfloat16 runs ``m.loss`` under autocast, for an M that allows it
@@ -124,7 +134,7 @@ def _pass(m: WorldModel, data: Latents, z: np.ndarray, cfg: Config, device: torc
                    for i in range(0, len(order), batch_size)]
     sums: dict[str, float] = {}
     steps = 0
-    bar = tqdm(range(len(batches)), desc=desc, leave=False, disable=None)
+    bar = tqdm(range(len(batches)), desc=desc, leave=False, disable=None, position=position)
     for i in bar:
         batch_starts, batch_lengths = batches[i]
         batch = make_batch(data, z, batch_starts, batch_lengths, seq_len, device)
@@ -221,7 +231,7 @@ def _load_resume(run: Run, m: WorldModel, opt: torch.optim.Optimizer, data: Late
     load_state_dict_checked(m, ckpt["model"], path)
     opt.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["torch_rng"])
-    print(f"resuming M training from {path} after epoch {int(ckpt['epoch'])}")
+    print(f"resuming M training from {path} after epoch {int(ckpt['epoch'])}", flush=True)
     return int(ckpt["epoch"])
 
 
@@ -257,37 +267,105 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
     With ``model.ensemble`` = K > 1, K-1 more M's follow from seeds ``model.seed`` + k
     (``m1.pt`` ...; worldmodel/ensemble.py).  With ``model.hazard_horizon`` = N > 0 one more,
     the hazard critic (``mK.pt``, seed ``model.seed`` + K), learns "death within the next N
-    steps" with its done head.  Returns the first M's summary: epochs done, last validation
-    terms and done-head quality.
+    steps" with its done head.  On a CPU the M files train side by side in
+    :func:`member_processes` processes, one thread each (``model.workers``).  Returns the
+    first M's summary: epochs done, last validation terms and done-head quality.
     """
     cfg = run.cfg
     device = resolve_device(cfg.system.device)
     z_dim = vae_z_dim(run)
-    data = load_latents(run.latents_dir, z_dim, skip_bad=skip_bad)
-    train_ids, val_ids = split_episodes(data.n_episodes, cfg.model.val_fraction, cfg.model.seed)
-    splits = data.subset(train_ids), (data.subset(val_ids) if len(val_ids) else None)
-    del data
-
-    def labelled(horizon: int) -> tuple[Latents, Latents | None]:  # (train, val), done = death within horizon
-        return tuple(None if d is None else with_done_horizon(d, horizon) for d in splits)
-
-    train, val = labelled(cfg.model.done_horizon)
+    splits = _splits(run, z_dim, skip_bad)  # here too when workers train: a bad file is one clear error
     precision = resolve_precision(cfg.system.precision, device)
     if precision is not None and device.type == "cpu" and not cpu_has_native_bf16():
         # oneDNN has no bfloat16 LSTM without AVX-512: nn.LSTM would fail to build its kernel.
         print("train-rnn: system.precision bfloat16 needs AVX-512 BF16 or AMX for M's LSTM, "
               "which this CPU lacks; M trains in float32")
         precision = None
-    summaries = [_train_member(run, k, train, val, device, precision) for k in range(cfg.model.ensemble)]
-    if cfg.model.hazard_horizon:
-        _train_member(run, cfg.model.ensemble, *labelled(cfg.model.hazard_horizon), device, precision)
+    processes = member_processes(cfg, device, run.m_files)
+    if processes > 1:
+        del splits  # each worker loads its own copy
+        summaries = _train_in_processes(run, processes, z_dim, precision, skip_bad)
+    else:
+        summaries = [_train_member(run, k, *_labelled(splits, _done_horizon(cfg, k)), device, precision)
+                     for k in range(run.m_files)]
     plot_run(run, stages=("m",))
     print(_format_done(summaries[0]))
     return summaries[0]
 
 
+def member_processes(cfg: Config, device: torch.device, members: int) -> int:
+    """How many processes train a run's ``members`` M files: on a CPU one per core, at most
+    ``model.workers``; one (this process, every thread) on a GPU or for a single M.
+
+    Each member is one LSTM's small matrix products, which two threads speed up by only
+    ~1.4x: two members side by side on one thread each train ~1.2x faster than one after
+    the other on both (docs/benchmarks.md, "Training the M files").
+    """
+    if device.type != "cpu" or members < 2:
+        return 1
+    return max(1, min(members, cfg.model.workers or available_cores()))
+
+
+def _done_horizon(cfg: Config, member: int) -> int:
+    """What M file ``member``'s done head learns: the ensemble's horizon, or the hazard critic's."""
+    return cfg.model.done_horizon if member < cfg.model.ensemble else cfg.model.hazard_horizon
+
+
+def _splits(run: Run, z_dim: int, skip_bad: bool) -> tuple[Latents, Latents | None]:
+    """The run's latents as (training, validation) episodes; the same split for every M."""
+    data = load_latents(run.latents_dir, z_dim, skip_bad=skip_bad)
+    train_ids, val_ids = split_episodes(data.n_episodes, run.cfg.model.val_fraction, run.cfg.model.seed)
+    return data.subset(train_ids), (data.subset(val_ids) if len(val_ids) else None)
+
+
+def _labelled(splits: tuple[Latents, Latents | None], horizon: int) -> tuple[Latents, Latents | None]:
+    """(train, val) whose done marks "death within ``horizon`` steps"."""
+    return tuple(None if d is None else with_done_horizon(d, horizon) for d in splits)
+
+
+#: Seconds a member may train before its worker counts as hung: long runs are normal here.
+_MEMBER_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def _train_in_processes(run: Run, processes: int, z_dim: int, precision: torch.dtype | None,
+                        skip_bad: bool) -> list[dict[str, Any]]:
+    """Every M file of the run trained by a pool of one-thread processes; their summaries in order."""
+    from agents.workers import run_tasks  # the pool collect and evaluate use (spawned, one thread)
+
+    tasks = [{"name": f"M file {run.member_path(k).name}", "run": run, "member": k, "z_dim": z_dim,
+              "skip_bad": skip_bad, "precision": None if precision is None else str(precision).split(".")[-1],
+              "position": k % processes} for k in range(run.m_files)]
+    print(f"train-rnn: {len(tasks)} M's in {processes} processes side by side, one thread each", flush=True)
+    summaries: dict[int, dict[str, Any]] = {}
+    for task, result in run_tasks(_member_task, tasks, processes, timeout=_MEMBER_TIMEOUT_S, retries=0):
+        if "user_error" in result:
+            raise UserError(result["user_error"])
+        summaries[task["member"]] = result
+    return [summaries[k] for k in range(len(tasks))]
+
+
+_WORKER_SPLITS: dict[str, Any] = {}  # a worker's latents, loaded once for all the members it trains
+
+
+def _member_task(task: dict[str, Any]) -> dict[str, Any]:
+    """In a worker: train one M file; a UserError comes back as ``{"user_error": message}``."""
+    run, member = task["run"], task["member"]
+    key = (str(run.dir), task["z_dim"], task["skip_bad"])
+    try:
+        if _WORKER_SPLITS.get("key") != key:
+            _WORKER_SPLITS.clear()
+            with warnings.catch_warnings():  # the parent has warned about skipped files already
+                warnings.simplefilter("ignore")
+                _WORKER_SPLITS.update(key=key, splits=_splits(run, task["z_dim"], task["skip_bad"]))
+        precision = None if task["precision"] is None else getattr(torch, task["precision"])
+        return _train_member(run, member, *_labelled(_WORKER_SPLITS["splits"], _done_horizon(run.cfg, member)),
+                             torch.device("cpu"), precision, position=task["position"])
+    except UserError as exc:
+        return {"user_error": str(exc)}
+
+
 def _train_member(run: Run, member: int, train: Latents, val: Latents | None,
-                  device: torch.device, precision: torch.dtype | None) -> dict[str, Any]:
+                  device: torch.device, precision: torch.dtype | None, position: int = 0) -> dict[str, Any]:
     cfg = run.cfg
     seed = cfg.model.seed + member
     torch.manual_seed(seed)
@@ -302,13 +380,14 @@ def _train_member(run: Run, member: int, train: Latents, val: Latents | None,
         t0 = time.time()
         rng = np.random.default_rng([seed, epoch])
         terms = _pass(m, train, train.sample_z(rng), cfg, device, rng, opt,
-                      desc=f"train-rnn{name} epoch {epoch}/{cfg.model.epochs}", precision=precision)
+                      desc=f"train-rnn{name} epoch {epoch}/{cfg.model.epochs}", precision=precision,
+                      position=position)
         record = {"epoch": epoch, **{f"train/{k}": v for k, v in terms.items()}}
         record.update(_evaluate(m, train, val, cfg, device))
         record["seconds"] = time.time() - t0
         append_jsonl(metrics_path, record)
         _save_resume(run, m, opt, epoch, member)
-        print(_format(record) + name)
+        print(_format(record) + name, flush=True)
     path = run.member_path(member)
     trained = bool(record)
     if not trained:  # nothing left to train: report the stored model
@@ -317,10 +396,10 @@ def _train_member(run: Run, member: int, train: Latents, val: Latents | None,
     if not trained and path.exists() and ckpt.exists() and path.stat().st_mtime_ns > ckpt.stat().st_mtime_ns:
         # Written after the checkpoint: by this training, or by `select`, which may have put back
         # an earlier M that the chosen controller was checked with (agents/select.py).
-        print(f"M is trained; {path} kept")
+        print(f"M is trained; {path} kept", flush=True)
     else:
         save_m(path, m, dataclasses.asdict(cfg.model))
-        print(f"M saved to {path}")
+        print(f"M saved to {path}", flush=True)
     return {"m_path": str(path), "train_episodes": train.n_episodes,
             "val_episodes": val.n_episodes if val is not None else 0, **record}
 

@@ -53,7 +53,7 @@ from worldmodel.io import (
 from worldmodel.latents import list_latents, split_episodes
 from worldmodel.plots import plot_run
 from worldmodel.runs import Run
-from worldmodel.torch_utils import autocast, resolve_device, resolve_precision
+from worldmodel.torch_utils import autocast, available_cores, resolve_device, resolve_precision
 from worldmodel.vae import (
     COLOUR_LEVELS,
     FRAME_SHAPE,
@@ -82,10 +82,6 @@ def make_optimizer(vae: ConvVAE, lr: float) -> torch.optim.Adam:
     """Adam over V's parameters; the fused kernel where the device has one (about 5% faster on CPU)."""
     device = next(vae.parameters()).device
     return torch.optim.Adam(vae.parameters(), lr=lr, fused=device.type in ("cpu", "cuda") or None)
-
-
-def _available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @contextmanager
@@ -309,7 +305,7 @@ def encode_new_episodes(run: Run, skip_bad: bool = False, progress: bool = True)
             skipped.append(episodes[i])
             return np.zeros((0, *FRAME_SHAPE), np.uint8)
 
-    with _threads(run.cfg.vae.threads or _available_cores()):
+    with _threads(run.cfg.vae.threads or available_cores()):
         written, kept = encode_latents(run, vae, episodes, frames_of, run.cfg.vae.batch_size, device, progress)
     used = [p for p in episodes if p not in skipped]
     removed = remove_orphan_latents(run, used)
@@ -344,7 +340,7 @@ def train_vae(run: Run, skip_bad: bool = False, progress: bool = True) -> dict:
         return {"epochs": cfg.epochs, "epochs_trained": 0,
                 "val_loss": records[-1].get("val_loss") if records else None,
                 **encode_new_episodes(run, skip_bad, progress)}
-    with _threads(cfg.threads or _available_cores()):
+    with _threads(cfg.threads or available_cores()):
         return _train_vae(run, skip_bad, progress)
 
 
