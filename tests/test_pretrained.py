@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from agents.controller import load_controller
 from agents.evaluate import dream_score, play_many
 from worldmodel import config as config_lib
 from worldmodel.runs import open_run
@@ -33,10 +32,6 @@ def test_shipped_agent_is_the_presets(shipped):
     preset = config_lib.load(ROOT / "configs" / f"{name}-cpu.yaml")
     diff = config_lib.diff(run.cfg, preset)
     assert diff.pop("env.max_steps") == (STEPS, preset.env.max_steps)
-    if "iterate.iterations" in diff:  # a longer run, whose pick came from iterations the preset also runs
-        ran, kept = diff.pop("iterate.iterations")
-        _, meta = load_controller(run.controller_path)
-        assert ran > kept and meta["generation"] <= preset.cmaes.generations + kept * preset.iterate.generations
     assert set(diff) <= SEEDS, f"the shipped {name} agent was made with other settings than the preset: {diff}"
     assert len({now for now, _ in diff.values()}) <= 1  # one seed for every stage, as the docs' commands set it
 
