@@ -130,7 +130,7 @@ def _strip_seconds(records):
 
 
 def test_m_files_trained_side_by_side_are_those_trained_one_after_another(tmp_path, capsys):
-    overrides = ["model.ensemble=2", "model.hazard_horizon=4", "env.name=carracing"]  # carracing: three actions
+    overrides = ["model.ensemble=3", "model.hazard_horizon=4", "env.name=carracing"]  # carracing: three actions
     alone = _run(tmp_path, [*overrides, "model.workers=1"], name="alone")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker: the same kernels, so the same rounding
@@ -141,21 +141,21 @@ def test_m_files_trained_side_by_side_are_those_trained_one_after_another(tmp_pa
     assert "side by side" not in capsys.readouterr().out
     pooled = _run(tmp_path, [*overrides, "model.workers=2"], name="pooled")
     second = train_m(pooled)
-    assert "3 M's in 2 processes side by side" in capsys.readouterr().out
+    assert "4 M's in 2 processes side by side" in capsys.readouterr().out
     assert _strip_seconds([first]) == _strip_seconds([second])
-    for k, name in enumerate(("m", "m1", "m2")):
+    for k, name in enumerate(("m", "m1", "m2", "m3")):
         a = torch.load(alone.member_path(k), weights_only=True)["state_dict"]
         b = torch.load(pooled.member_path(k), weights_only=True)["state_dict"]
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
         assert _strip_seconds(read_jsonl(alone.metrics_path(name))) == _strip_seconds(read_jsonl(pooled.metrics_path(name)))
-    heads = [torch.load(pooled.member_path(k), weights_only=True)["state_dict"]["head.weight"] for k in range(3)]
+    heads = [torch.load(pooled.member_path(k), weights_only=True)["state_dict"]["head.weight"] for k in range(2)]
     assert not torch.equal(heads[0], heads[1])  # each its own seed
     # Run again with nothing left to train: the workers report the stored M's.
-    assert train_m(pooled)["epoch"] == 2 and len(read_jsonl(pooled.metrics_path("m2"))) == 2
+    assert train_m(pooled)["epoch"] == 2 and len(read_jsonl(pooled.metrics_path("m3"))) == 2
 
 
 def test_a_user_error_in_a_worker_is_one_clear_error(tmp_path, capsys):
-    run = _run(tmp_path, ["model.ensemble=3", "model.workers=2", "model.epochs=1", "env.name=carracing"])
+    run = _run(tmp_path, ["model.ensemble=2", "model.workers=2", "model.epochs=1", "env.name=carracing"])
     save_checkpoint(run.dir / "m1_ckpt.pt", {"epoch": 1})  # left by something else
     with pytest.raises(UserError, match="m1_ckpt.pt: not an M training checkpoint; delete it"):
         train_m(run)
@@ -170,9 +170,13 @@ def test_member_processes_one_per_core_and_m_file_on_a_cpu_only(tmp_path, monkey
     cpu = torch.device("cpu")
     assert member_processes(cfg, cpu, 1) == 1  # one M: this process, every thread
     assert member_processes(cfg, cpu, 4) == 2 and member_processes(cfg, cpu, 2) == 2
+    assert member_processes(cfg, cpu, 3) == 1  # full rounds only: no M left alone on one thread
     assert member_processes(cfg, torch.device("cuda"), 4) == 1
     cfg.model.workers = 8
     assert member_processes(cfg, cpu, 3) == 3  # never more processes than M files
+    assert member_processes(cfg, cpu, 6) == 6 and member_processes(cfg, cpu, 7) == 7
+    cfg.model.workers = 4
+    assert member_processes(cfg, cpu, 6) == 3 and member_processes(cfg, cpu, 5) == 1
     cfg.model.workers = 1
     assert member_processes(cfg, cpu, 4) == 1
 

@@ -115,10 +115,11 @@ class ModelConfig:
     seed: int = _f(0, low=0)
     ensemble: int = _f(1, low=1, doc="M's trained from seeds seed, seed+1, ...; the dream's reward is "
                                       "their mean less cmaes.disagreement x their spread")
-    workers: Optional[int] = _f(None, low=1, doc="on a CPU, processes that train the run's M files (ensemble "
-                                                 "members, hazard critic) side by side, one thread each, "
-                                                 "the same weights as one after another; null = one per "
-                                                 "core; 1 = one after another with every thread")
+    workers: Optional[int] = _f(None, low=1, doc="on a CPU, most processes that train the run's M files "
+                                                 "(ensemble members, hazard critic) side by side, one "
+                                                 "thread each, in full rounds (a count that divides the "
+                                                 "files'), the same weights as one after another; null = "
+                                                 "one per core; 1 = one after another with every thread")
 
 
 BRAKE_SQUASHES = ("clip", "shift")  # controller.brake; agents/controller.py

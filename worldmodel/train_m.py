@@ -294,16 +294,20 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
 
 
 def member_processes(cfg: Config, device: torch.device, members: int) -> int:
-    """How many processes train a run's ``members`` M files: on a CPU one per core, at most
-    ``model.workers``; one (this process, every thread) on a GPU or for a single M.
+    """How many processes train a run's ``members`` M files: on a CPU up to one per core and
+    ``model.workers``, in full rounds (a count that divides ``members``); one (this process,
+    every thread) on a GPU, for a single M, or where no such count above one exists.
 
     Each member is one LSTM's small matrix products, which two threads speed up by only
-    ~1.4x: two members side by side on one thread each train ~1.2x faster than one after
-    the other on both (docs/benchmarks.md, "Training the M files").
+    ~1.4x: two members side by side on one thread each train ~1.16x faster than one after
+    the other on both (docs/benchmarks.md, "Training the M files").  A member left to
+    train alone in a last round would run on one thread, slower than on all: so three M's
+    on two cores train one after another.
     """
     if device.type != "cpu" or members < 2:
         return 1
-    return max(1, min(members, cfg.model.workers or available_cores()))
+    most = max(1, min(members, cfg.model.workers or available_cores()))
+    return max(p for p in range(1, most + 1) if members % p == 0)
 
 
 def _done_horizon(cfg: Config, member: int) -> int:
