@@ -286,8 +286,9 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
         del splits  # each worker loads its own copy
         summaries = _train_in_processes(run, processes, z_dim, precision, skip_bad)
     else:
-        summaries = [_train_member(run, k, *_labelled(splits, _done_horizon(cfg, k)), device, precision)
-                     for k in range(run.m_files)]
+        horizons = [_done_horizon(cfg, k) for k in range(run.m_files)]
+        labelled = {h: _labelled(splits, h) for h in set(horizons)}  # one copy per horizon, not per M
+        summaries = [_train_member(run, k, *labelled[h], device, precision) for k, h in enumerate(horizons)]
     plot_run(run, stages=("m",))
     print(_format_done(summaries[0]))
     return summaries[0]
@@ -337,8 +338,8 @@ def _train_in_processes(run: Run, processes: int, z_dim: int, precision: torch.d
     from agents.workers import run_tasks  # the pool collect and evaluate use (spawned, one thread)
 
     tasks = [{"name": f"M file {run.member_path(k).name}", "run": run, "member": k, "z_dim": z_dim,
-              "skip_bad": skip_bad, "precision": None if precision is None else str(precision).split(".")[-1],
-              "position": k % processes} for k in range(run.m_files)]
+              "skip_bad": skip_bad, "precision": precision, "position": k % processes}
+             for k in range(run.m_files)]
     print(f"train-rnn: {len(tasks)} M's in {processes} processes side by side, one thread each", flush=True)
     summaries: dict[int, dict[str, Any]] = {}
     for task, result in run_tasks(_member_task, tasks, processes, timeout=_MEMBER_TIMEOUT_S, retries=0):
@@ -348,7 +349,8 @@ def _train_in_processes(run: Run, processes: int, z_dim: int, precision: torch.d
     return [summaries[k] for k in range(len(tasks))]
 
 
-_WORKER_SPLITS: dict[str, Any] = {}  # a worker's latents, loaded once for all the members it trains
+#: A worker's latents, loaded once for all the M files it trains, and labelled once per horizon.
+_WORKER_DATA: dict[str, Any] = {}
 
 
 def _member_task(task: dict[str, Any]) -> dict[str, Any]:
@@ -356,14 +358,16 @@ def _member_task(task: dict[str, Any]) -> dict[str, Any]:
     run, member = task["run"], task["member"]
     key = (str(run.dir), task["z_dim"], task["skip_bad"])
     try:
-        if _WORKER_SPLITS.get("key") != key:
-            _WORKER_SPLITS.clear()
+        if _WORKER_DATA.get("key") != key:
+            _WORKER_DATA.clear()
             with warnings.catch_warnings():  # the parent has warned about skipped files already
                 warnings.simplefilter("ignore")
-                _WORKER_SPLITS.update(key=key, splits=_splits(run, task["z_dim"], task["skip_bad"]))
-        precision = None if task["precision"] is None else getattr(torch, task["precision"])
-        return _train_member(run, member, *_labelled(_WORKER_SPLITS["splits"], _done_horizon(run.cfg, member)),
-                             torch.device("cpu"), precision, position=task["position"])
+                _WORKER_DATA.update(key=key, splits=_splits(run, task["z_dim"], task["skip_bad"]), labelled={})
+        horizon, labelled = _done_horizon(run.cfg, member), _WORKER_DATA["labelled"]
+        if horizon not in labelled:
+            labelled[horizon] = _labelled(_WORKER_DATA["splits"], horizon)
+        return _train_member(run, member, *labelled[horizon], torch.device("cpu"), task["precision"],
+                             position=task["position"])
     except UserError as exc:
         return {"user_error": str(exc)}
 
