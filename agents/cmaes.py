@@ -35,6 +35,7 @@ Files in the run folder (all written atomically, once per generation):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -278,12 +279,14 @@ def _save_controllers(run: Run, state: dict, spec: ControllerSpec, settings: Dre
 
 def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: bool = True, *,
                      m: WorldModel | None = None, starts: torch.Tensor | None = None,
-                     data: Latents | None = None) -> dict[str, Any]:
+                     data: Latents | None = None, pacer: dict | None = None) -> dict[str, Any]:
     """Evolve C in the dream until ``cmaes.generations``; resume from ``cmaes.pkl`` if present.
 
     evaluate_fn(params (P,), episodes, seed) -> real returns; None skips real checks.
     ``m`` / ``starts`` (E, 2, Z) / ``data`` (the episodes that ``cmaes.midway_starts`` starts
     dreams inside) default to the run's M and latents (tests pass their own).
+    ``pacer``: the blind pacer's real episodes (:func:`agents.calibrate.real_pacer`), needed with
+    ``cmaes.done_calibration`` > 0: the dream's done threshold is then calibrated for this M.
     Returns a summary dict.
     """
     cfg, c = run.cfg, run.cfg.cmaes
@@ -305,6 +308,8 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
     m_id = weights_fingerprint(m)
     if runs_own_m and evaluate_fn is not None:
         keep_m_snapshot(run, m_id)
+    if c.done_calibration > 0:
+        settings = _calibrated(run, settings, m, m_id, starts, pacer)
 
     state_path = run.path(STATE_FILE)
     if state_path.exists():
@@ -346,6 +351,21 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
         "controller_source": source,
         "wall_s": state["wall_s"],
     }
+
+
+def _calibrated(run: Run, settings: DreamSettings, m: WorldModel, m_id: str, starts: torch.Tensor,
+                pacer: dict | None) -> DreamSettings:
+    """``settings`` with the done threshold calibrated for M on the blind pacer (agents/calibrate.py)."""
+    from agents.calibrate import calibrated_threshold
+
+    if pacer is None:
+        raise UserError("config cmaes.done_calibration: the dream calibrates on the blind pacer's real episodes; "
+                        "run it with `python run.py dream` (or pipeline / iterate), which plays them")
+    entry = calibrated_threshold(run, m, m_id, starts, pacer)
+    print(f"dream: done threshold {entry['threshold']:.4f} for M {m_id}: the blind pacer lives "
+          f"{entry['pacer_dream_steps']:.1f} steps in its dream, {entry['ratio']:g} x its "
+          f"{pacer['mean_steps']:.1f} in the game", flush=True)
+    return dataclasses.replace(settings, done_threshold=entry["threshold"])
 
 
 def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: DreamSettings,
@@ -391,7 +411,8 @@ def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: 
         "dream_std": float(pop.std()), "dream_worst": float(pop.min()), "centre_dream": centre,
         "sigma": float(es.sigma), "mean_length": mean_length, "dream_steps": steps,
         "dream_steps_per_s": steps / max(dream_s, 1e-9), "real_mean": real_mean, "real_std": real_std,
-        "best_dream_ever": state["best_dream"]["dream_score"], "wall_s": wall, "time": time.time(),
+        "best_dream_ever": state["best_dream"]["dream_score"], "done_threshold": settings.done_threshold,
+        "wall_s": wall, "time": time.time(),
     }
     state["history"].append(record)
     return record

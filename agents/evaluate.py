@@ -184,6 +184,12 @@ def dream_episodes(run: Run, episodes: int, seed: int, policy: str | Callable[[i
 
     m = load_world_model(run)
     settings = DreamSettings.from_config(run.cfg)
+    if run.cfg.cmaes.done_calibration > 0:  # the threshold the search calibrated for this M, if any
+        from agents.calibrate import dream_threshold
+        from agents.cmaes import weights_fingerprint
+
+        threshold = dream_threshold(run, weights_fingerprint(m))
+        settings = settings if threshold is None else dataclasses.replace(settings, done_threshold=threshold)
     if max_steps is not None:
         settings = dataclasses.replace(settings, max_steps=max_steps)
     spec = ControllerSpec.for_config(run.cfg, m)

@@ -32,10 +32,12 @@ def dream(run: Run, workers: int | None = None, backend: str | None = None, prog
     The real checks play the seeds train_controller passes (1,000,000 + cmaes.seed ...): apart
     from collection (hashed seeds) and from the final evaluation (eval.seed ...).
     """
+    from agents.calibrate import real_pacer
     from agents.cmaes import train_controller
 
+    pacer = real_pacer(run, workers, backend) if run.cfg.cmaes.done_calibration > 0 else None
     return train_controller(run, evaluate_fn=_real_check(run, workers, backend) if run.cfg.cmaes.eval_every
-                            else None, progress=progress)
+                            else None, progress=progress, pacer=pacer)
 
 
 def select(run: Run, workers: int | None = None, backend: str | None = None) -> dict:

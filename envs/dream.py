@@ -211,7 +211,8 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
                    settings: DreamSettings, generator: torch.Generator | None = None,
                    streams: torch.Tensor | None = None,
                    policy: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-                   state0: State | None = None, elapsed: torch.Tensor | None = None) -> DreamResult:
+                   state0: State | None = None, elapsed: torch.Tensor | None = None,
+                   done_trace: list[torch.Tensor] | None = None) -> DreamResult:
     """Run N dreams to their end, each with its own controller.
 
     params: (N, P) controller weights; z0: (N, Z) start latents; ``policy(t, features)``, when
@@ -228,6 +229,8 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
     each dream's episode has already lasted (None: 0), so dream i lasts at most
     ``max_steps - elapsed[i]`` steps (a :class:`MidwayStarts` point).  lengths count the
     dream's own steps.
+    done_trace: when given, each step's P(done) of the live dreams (B,) is appended to it (with a
+    done threshold above 1 no dream ends early, so every entry covers all N: agents/calibrate.py).
     """
     device = z0.device
     n = params.shape[0]
@@ -257,6 +260,8 @@ def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0
         a = _shielded(m, state, z, a)
         thinned = {} if masks is None else {"dropout": masks}  # an M without dream dropout never sees it
         state, z, r, d = m.imagine_step(state, z, a, settings.temperature, noise=noise, **thinned)
+        if done_trace is not None:
+            done_trace.append(d.float().cpu())
         if settings.reward != "alive":
             returns.index_add_(0, rows, r.to(returns.dtype))
         ended = settings.ended(d, u)

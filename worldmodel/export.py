@@ -8,14 +8,16 @@ optimizer state, no CMA-ES pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import torch
 
 from worldmodel.episodes import episode_index, list_episodes
+from worldmodel import config as config_lib
 from worldmodel.errors import UserError
-from worldmodel.io import load_checkpoint, save_checkpoint
+from worldmodel.io import load_checkpoint, save_checkpoint, write_text
 from worldmodel.runs import Run
 
 
@@ -26,6 +28,23 @@ def _half(obj):
     if isinstance(obj, dict):
         return {k: _half(v) for k, v in obj.items()}
     return obj
+
+
+def _calibrated_config(run: Run) -> config_lib.Config:
+    """The run's config with the done threshold calibrated for its M (``cmaes.done_calibration``)
+    written in as ``cmaes.done_threshold`` (float16 weights have another fingerprint, and the
+    folder has no real pacer to calibrate on), so its dream scores stay those of the search."""
+    cfg = run.cfg
+    from agents.calibrate import dream_threshold
+    from agents.cmaes import weights_fingerprint
+    from envs.dream import load_world_model
+
+    threshold = dream_threshold(run, weights_fingerprint(load_world_model(run, "cpu")))
+    if threshold is None:
+        raise UserError(f"{run.dir}: cmaes.done_calibration is on but calibration.json has no threshold for "
+                        "its M; run `python run.py dream` first")
+    return dataclasses.replace(cfg, cmaes=dataclasses.replace(cfg.cmaes, done_threshold=threshold,
+                                                              done_calibration=0.0))
 
 
 def export_run(run: Run, out: str | Path, episodes: int = 2) -> dict:
@@ -43,7 +62,10 @@ def export_run(run: Run, out: str | Path, episodes: int = 2) -> dict:
         raise UserError(f"{run.latents_dir}: no latents; run `python run.py train-vae` first")
     (out / "episodes").mkdir(parents=True)
     (out / "latents").mkdir()
-    shutil.copyfile(run.path("config.yaml"), out / "config.yaml")
+    if run.cfg.cmaes.done_calibration > 0:
+        write_text(out / "config.yaml", config_lib.dump(_calibrated_config(run)))
+    else:
+        shutil.copyfile(run.path("config.yaml"), out / "config.yaml")
     for path in (run.vae_path, *members):
         save_checkpoint(out / path.name, _half(load_checkpoint(path)))
     shutil.copyfile(run.controller_path, out / run.controller_path.name)
