@@ -553,3 +553,27 @@ def test_export_makes_a_small_evaluable_agent(tiny, tmp_path):
     assert len(returns) == 2 and min(returns) > 0
     again = _cli("export", "--run", tiny["run"].dir, "--out", out, "--quiet")
     _assert_one_line_error(again, "not empty")
+
+
+def test_a_calibrated_run_dreams_and_exports_with_its_ms_threshold(tiny, tmp_path):
+    """With cmaes.done_calibration, evaluate's dream and export use the threshold calibration.json
+    holds for the run's M (agents/calibrate.py), and export refuses a run that has none."""
+    from agents.calibrate import CALIBRATION_FILE
+    from agents.cmaes import weights_fingerprint
+    from envs.dream import load_world_model
+
+    src = tmp_path / "run"
+    shutil.copytree(tiny["run"].dir, src)
+    calibrated = open_run(src, None, ["cmaes.done_calibration=1.0"])  # recorded in its config.yaml
+    _assert_one_line_error(_cli("export", "--run", src, "--out", tmp_path / "none", "--quiet"),
+                           "calibration.json has no threshold")
+    m_id = weights_fingerprint(load_world_model(calibrated))
+    write_json(src / CALIBRATION_FILE, {"thresholds": {m_id: {"threshold": 0.0}}})
+    by_hand = open_run(src, None, ["cmaes.done_calibration=0", "cmaes.done_threshold=0.0"], create=False)
+    preset = open_run(src, None, ["cmaes.done_calibration=0"], create=False)
+    assert dream_score(calibrated, 8, SEED) == dream_score(by_hand, 8, SEED) != dream_score(preset, 8, SEED)
+    out = tmp_path / "exported"
+    result = _cli("export", "--run", src, "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    exported = open_run(out, None, [], create=False).cfg.cmaes
+    assert (exported.done_threshold, exported.done_calibration) == (0.0, 0.0)
