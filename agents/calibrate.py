@@ -6,8 +6,8 @@ another's, while the game gives it about 185 (docs/results.md, "A dream calibrat
 pacer").  With ``cmaes.done_calibration`` = r > 0, each search instead ends its dreams at the
 threshold under which the pacer lives r times as long in that M's dream as in the real game:
 
-1. the real pacer plays ``cmaes.calibration_episodes`` episodes on seeds 5,000,000 +
-   ``cmaes.seed`` … (apart from collection, checks, ``select`` and evaluation), once per run;
+1. the real pacer (``cmaes.calibration_pacer_steps`` a leg) plays ``cmaes.calibration_episodes``
+   episodes on seeds 5,000,000 + ``cmaes.seed`` … (apart from collection, checks, ``select`` and evaluation), once per run;
 2. in each new M, as many pacer dreams run to ``cmaes.max_steps`` with no end, recording the
    dream's P(done) at every step (the same draws whatever the threshold, so a dream's life under
    threshold θ is the first step where P(done) passes θ: one pass serves every θ);
@@ -59,13 +59,15 @@ def real_pacer(run: Run, workers: int | None = None, backend: str | None = None)
     cfg, path = run.cfg, run.path(CALIBRATION_FILE)
     first = CALIBRATION_SEED_BASE + cfg.cmaes.seed
     seeds = list(range(first, first + cfg.cmaes.calibration_episodes))
-    want = {"seeds": [seeds[0], seeds[-1]], "pacer_steps": cfg.eval.pacer_steps,
+    want = {"seeds": [seeds[0], seeds[-1]], "pacer_steps": cfg.cmaes.calibration_pacer_steps,
             "frame_skip": cfg.env.frame_skip, "max_steps": cfg.env.max_steps}
     data = _load(path)
     cached = data.get("pacer")
     if isinstance(cached, dict) and all(cached.get(k) == v for k, v in want.items()):
         return cached
-    episodes = play_many(run, "pacing", seeds, None, workers, backend, desc="blind pacer (calibration)")
+    legs = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, pacer_steps=want["pacer_steps"]))
+    episodes = play_many(Run(dir=run.dir, cfg=legs), "pacing", seeds, None, workers, backend,
+                         desc="blind pacer (calibration)")
     pacer = {**want, "mean_steps": float(np.mean([e["steps"] for e in episodes])),
              "mean_return": float(np.mean([e["return"] for e in episodes]))}
     data = _load(path)
@@ -124,7 +126,7 @@ def calibrated_threshold(run: Run, m, m_id: str, starts: torch.Tensor, pacer: di
     cached = _load(path).get("thresholds", {}).get(m_id)
     if isinstance(cached, dict) and all(cached.get(k) == v for k, v in want.items()):
         return cached
-    trace = pacer_done_trace(m, settings, starts, want["dreams"], want["seed"], run.cfg.eval.pacer_steps)
+    trace = pacer_done_trace(m, settings, starts, want["dreams"], want["seed"], c.calibration_pacer_steps)
     threshold = fit_threshold(trace, want["target_steps"])
     entry = {**want, "threshold": threshold, "pacer_dream_steps": float(lifetimes(trace, threshold).mean())}
     data = _load(path)

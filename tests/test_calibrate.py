@@ -72,7 +72,7 @@ class RampM(LifeM):
 def calibrated_run(path, ratio=1.0):
     run = make_run(path, generations=2)
     flat = config_lib.to_flat(run.cfg)
-    flat.update({"env.name": "takecover", "eval.pacer_steps": 3, "cmaes.done_calibration": ratio,
+    flat.update({"env.name": "takecover", "cmaes.calibration_pacer_steps": 3, "cmaes.done_calibration": ratio,
                  "cmaes.calibration_episodes": 8})
     return Run(dir=path, cfg=config_lib.from_flat(flat))
 
@@ -108,9 +108,9 @@ def test_twice_the_games_life_and_a_search_without_the_pacer(tmp_path):
 
 
 @pytest.mark.parametrize("flat, named", [
-    ({"cmaes.done_calibration": 1.0}, ["cmaes.done_calibration", "eval.pacer_steps > 0 (is 0)"]),
-    ({"cmaes.done_calibration": 1.0, "eval.pacer_steps": 28, "cmaes.done": "sample"}, ["cmaes.done: threshold"]),
-], ids=["no-pacer", "sampled-done"])
+    ({"cmaes.done_calibration": 1.0, "env.name": "carracing"}, ["cmaes.done_calibration", "carracing"]),
+    ({"cmaes.done_calibration": 1.0, "cmaes.done": "sample"}, ["cmaes.done: threshold"]),
+], ids=["carracing", "sampled-done"])
 def test_calibration_without_its_pacer_is_refused_by_name(flat, named):
     base = config_lib.to_flat(config_lib.Config())
     base["env.name"] = "takecover"
@@ -127,13 +127,15 @@ def test_the_real_pacer_plays_its_own_seeds_once_per_run(tmp_path, monkeypatch):
     from agents.calibrate import CALIBRATION_SEED_BASE, real_pacer
     from worldmodel.runs import open_run
 
-    run = open_run(tmp_path / "run", SMOKE, ["env.name=takecover", "env.max_steps=60", "eval.pacer_steps=10",
+    run = open_run(tmp_path / "run", SMOKE, ["env.name=takecover", "env.max_steps=60", "eval.pacer_steps=0",
+                                             "cmaes.calibration_pacer_steps=10",
                                              "cmaes.done_calibration=1.0", "cmaes.calibration_episodes=2",
                                              "cmaes.seed=4", "eval.workers=1", "system.device=cpu"])
     pacer = real_pacer(run, workers=1)
     seeds = [CALIBRATION_SEED_BASE + 4, CALIBRATION_SEED_BASE + 5]
     assert pacer["seeds"] == seeds and pacer["pacer_steps"] == 10
-    by_hand = agents.evaluate.play_many(run, "pacing", seeds, workers=1)
+    legs = open_run(tmp_path / "run", None, ["eval.pacer_steps=10"], create=False)
+    by_hand = agents.evaluate.play_many(legs, "pacing", seeds, workers=1)
     assert pacer["mean_steps"] == np.mean([e["steps"] for e in by_hand])
     assert pacer["mean_return"] == np.mean([e["return"] for e in by_hand])
     assert 0 < pacer["mean_steps"] <= 60

@@ -193,11 +193,13 @@ class CMAESConfig:
                                doc="a harsh dream (low threshold) transfers better; docs/results.md")
     done_calibration: float = _f(0.0, low=0.0,
                                  doc="TakeCover, done: threshold: > 0 sets each search's done threshold for "
-                                     "its own M, so that the blind pacer (eval.pacer_steps a leg) lives this "
+                                     "its own M, so that the blind pacer (calibration_pacer_steps a leg) lives this "
                                      "many times as long in the dream as in the real game (agents/calibrate.py)"
                                      "; 0 = done_threshold as given")
     calibration_episodes: int = _f(100, low=1, doc="done_calibration: the pacer's real episodes (seeds "
                                                    "5,000,000 + cmaes.seed ...) and its dreams")
+    calibration_pacer_steps: int = _f(28, low=1, doc="done_calibration: the blind pacer's leg (steps at full "
+                                                     "speed one way, then the other; agents/policies.py)")
     dream_dropout: float = _f(0.0, low=0.0, high=0.9, doc="each dream drops this share of M's z and h "
                                                            "inputs, one mask for its whole length: every "
                                                            "dream is a different M (Wellmer & Kwok 2021)")
@@ -408,11 +410,10 @@ def validate(cfg: Config) -> None:
     if cfg.cmaes.hazard_penalty > 0 and cfg.env.name != "takecover":
         raise UserError(f"config cmaes.hazard_penalty: {cfg.cmaes.hazard_penalty} is for TakeCover's survival "
                         f"reward, not {cfg.env.name} (set it to 0)")
-    if cfg.cmaes.done_calibration > 0 and not (cfg.env.name == "takecover" and cfg.eval.pacer_steps
-                                                and cfg.cmaes.done == "threshold"):
+    if cfg.cmaes.done_calibration > 0 and not (cfg.env.name == "takecover" and cfg.cmaes.done == "threshold"):
         raise UserError(f"config cmaes.done_calibration: {cfg.cmaes.done_calibration} calibrates on TakeCover's blind "
-                        f"pacer: it needs env.name takecover (is {cfg.env.name}), eval.pacer_steps > 0 (is "
-                        f"{cfg.eval.pacer_steps}) and cmaes.done: threshold (is {cfg.cmaes.done})")
+                        f"pacer: it needs env.name takecover (is {cfg.env.name}) and cmaes.done: threshold (is "
+                        f"{cfg.cmaes.done})")
     committee, c = cfg.controller.committee, cfg.cmaes
     if committee > 1 and (c.select_episodes == 0 or c.select_top < committee):
         raise UserError(f"config controller.committee: {committee} needs select to play that many controllers "
