@@ -121,9 +121,9 @@ def test_calibration_without_its_pacer_is_refused_by_name(flat, named):
 
 
 def test_the_real_pacer_plays_its_own_seeds_once_per_run(tmp_path, monkeypatch):
-    import agents.evaluate
     from conftest import SMOKE
 
+    import agents.evaluate
     from agents.calibrate import CALIBRATION_SEED_BASE, real_pacer
     from worldmodel.runs import open_run
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from worldmodel.episodes import episode_index, list_episodes
 from worldmodel import config as config_lib
+from worldmodel.episodes import episode_index, list_episodes
 from worldmodel.errors import UserError
 from worldmodel.io import load_checkpoint, save_checkpoint, write_text
 from worldmodel.runs import Run
