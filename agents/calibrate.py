@@ -1,13 +1,14 @@
 """Calibrate the dream's harshness on a policy that needs no training: TakeCover's blind pacer.
 
 ``cmaes.done_threshold`` ends a dream where M's P(done) passes it, but what a threshold means
-depends on the M: the same 0.1 let the pacer live 94 dream steps in one run's M's and 300 in
+depends on the M: the same 0.1 let the pacer live 98 dream steps in one run's M's and 286 in
 another's, while the game gives it about 185 (docs/results.md, "A dream calibrated on the blind
 pacer").  With ``cmaes.done_calibration`` = r > 0, each search instead ends its dreams at the
 threshold under which the pacer lives r times as long in that M's dream as in the real game:
 
 1. the real pacer (``cmaes.calibration_pacer_steps`` a leg) plays ``cmaes.calibration_episodes``
-   episodes on seeds 5,000,000 + ``cmaes.seed`` … (apart from collection, checks, ``select`` and evaluation), once per run;
+   episodes on seeds 5,000,000 + ``cmaes.seed`` … (apart from collection, checks, ``select`` and
+   evaluation), once per run;
 2. in each new M, as many pacer dreams run to ``cmaes.max_steps`` with no end, recording the
    dream's P(done) at every step (the same draws whatever the threshold, so a dream's life under
    threshold θ is the first step where P(done) passes θ: one pass serves every θ);
@@ -20,6 +21,7 @@ fingerprint), so a resumed search and ``evaluate``'s dream score use the same on
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch
 
 from agents.controller import ControllerSpec
 from agents.policies import PacingPolicy
-from envs.dream import DreamSettings, dream_rollouts, sample_start_z
+from envs.dream import DreamSettings, blind_policy, dream_rollouts, sample_start_z
 from worldmodel.errors import UserError
 from worldmodel.io import write_json
 from worldmodel.runs import Run
@@ -38,8 +40,6 @@ _BISECTION_STEPS = 40
 
 
 def _load(path: Path) -> dict:
-    import json
-
     if not path.exists():
         return {}
     try:
@@ -70,7 +70,6 @@ def real_pacer(run: Run, workers: int | None = None, backend: str | None = None)
                          desc="blind pacer (calibration)")
     pacer = {**want, "mean_steps": float(np.mean([e["steps"] for e in episodes])),
              "mean_return": float(np.mean([e["return"] for e in episodes]))}
-    data = _load(path)
     data["pacer"] = pacer
     write_json(path, data)
     return pacer
@@ -80,19 +79,14 @@ def pacer_done_trace(m, settings: DreamSettings, starts: torch.Tensor, dreams: i
                      pacer_steps: int) -> np.ndarray:
     """P(done) of ``dreams`` pacer dreams at every step up to ``settings.max_steps``, none ended:
     (T, dreams) float32.  Start z and M's noise come from ``seed``."""
-    pacer = PacingPolicy(pacer_steps)
     generator = torch.Generator().manual_seed(seed)
     device = starts.device
     z0 = sample_start_z(starts, dreams, generator).to(device)
     endless = dataclasses.replace(settings, done="threshold", done_threshold=2.0)  # P(done) never passes 2
     trace: list[torch.Tensor] = []
-
-    def blind(t: int, features: torch.Tensor) -> torch.Tensor:
-        return features.new_full((features.shape[0], 1), pacer.action_at(t))
-
     spec = ControllerSpec.for_env("takecover", m.feature_dim(settings.features))
-    dream_rollouts(m, torch.zeros(dreams, 0, device=device), spec, z0, endless, generator, policy=blind,
-                   done_trace=trace)
+    dream_rollouts(m, torch.zeros(dreams, 0, device=device), spec, z0, endless, generator,
+                   policy=blind_policy(PacingPolicy(pacer_steps).action_at), done_trace=trace)
     return torch.stack(trace).numpy()
 
 
@@ -123,13 +117,13 @@ def calibrated_threshold(run: Run, m, m_id: str, starts: torch.Tensor, pacer: di
     want = {"ratio": c.done_calibration, "dreams": c.calibration_episodes, "seed": CALIBRATION_SEED_BASE + c.seed,
             "target_steps": min(c.done_calibration * pacer["mean_steps"], float(settings.max_steps)),
             "temperature": settings.temperature, "max_steps": settings.max_steps}
-    cached = _load(path).get("thresholds", {}).get(m_id)
+    data = _load(path)
+    cached = data.get("thresholds", {}).get(m_id)
     if isinstance(cached, dict) and all(cached.get(k) == v for k, v in want.items()):
         return cached
     trace = pacer_done_trace(m, settings, starts, want["dreams"], want["seed"], c.calibration_pacer_steps)
     threshold = fit_threshold(trace, want["target_steps"])
     entry = {**want, "threshold": threshold, "pacer_dream_steps": float(lifetimes(trace, threshold).mean())}
-    data = _load(path)
     data.setdefault("thresholds", {})[m_id] = entry
     write_json(path, data)
     return entry

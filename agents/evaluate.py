@@ -180,7 +180,14 @@ def dream_episodes(run: Run, episodes: int, seed: int, policy: str | Callable[[i
     import torch
 
     from agents.controller import ControllerSpec, load_controller
-    from envs.dream import DreamSettings, dream_rollouts, load_start_latents, load_world_model, sample_start_z
+    from envs.dream import (
+        DreamSettings,
+        blind_policy,
+        dream_rollouts,
+        load_start_latents,
+        load_world_model,
+        sample_start_z,
+    )
 
     m = load_world_model(run)
     settings = DreamSettings.from_config(run.cfg)
@@ -197,10 +204,7 @@ def dream_episodes(run: Run, episodes: int, seed: int, policy: str | Callable[[i
     if policy == "pacing":
         policy = PacingPolicy(run.cfg.eval.pacer_steps).action_at
     if callable(policy):
-        params, action_at = np.zeros((1, 0), np.float32), policy
-
-        def blind(t: int, features: torch.Tensor) -> torch.Tensor:
-            return features.new_full((features.shape[0], 1), action_at(t))
+        params, blind = np.zeros((1, 0), np.float32), blind_policy(policy)
     else:
         params, _ = load_controller(run.controller_path, spec=spec)
     generator = torch.Generator().manual_seed(seed)

@@ -206,6 +206,15 @@ def _shielded(m: WorldModel, state: State, z: torch.Tensor, a: torch.Tensor) -> 
     return a if margin <= 0 else shield_actions(m.critic, m.critic_state(state), z, a, margin)[0]
 
 
+def blind_policy(action_at: Callable[[int], float]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """A ``policy`` for :func:`dream_rollouts` from a blind one (step t -> the action every dream
+    takes at t; one action dimension, as TakeCover's)."""
+    def act(t: int, features: torch.Tensor) -> torch.Tensor:
+        return features.new_full((features.shape[0], 1), action_at(t))
+
+    return act
+
+
 @torch.inference_mode()
 def dream_rollouts(m: WorldModel, params: torch.Tensor, spec: ControllerSpec, z0: torch.Tensor,
                    settings: DreamSettings, generator: torch.Generator | None = None,

@@ -567,6 +567,7 @@ def test_a_calibrated_run_dreams_and_exports_with_its_ms_threshold(tiny, tmp_pat
     calibrated = open_run(src, None, ["cmaes.done_calibration=1.0"])  # recorded in its config.yaml
     _assert_one_line_error(_cli("export", "--run", src, "--out", tmp_path / "none", "--quiet"),
                            "calibration.json has no threshold")
+    assert not (tmp_path / "none").exists()  # refused before anything was written
     m_id = weights_fingerprint(load_world_model(calibrated))
     write_json(src / CALIBRATION_FILE, {"thresholds": {m_id: {"threshold": 0.0}}})
     by_hand = open_run(src, None, ["cmaes.done_calibration=0", "cmaes.done_threshold=0.0"], create=False)

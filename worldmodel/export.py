@@ -60,10 +60,11 @@ def export_run(run: Run, out: str | Path, episodes: int = 2) -> dict:
     latents = sorted(list_episodes(run.latents_dir), key=lambda p: p.stat().st_size)[:episodes]
     if not latents:
         raise UserError(f"{run.latents_dir}: no latents; run `python run.py train-vae` first")
+    calibrated = _calibrated_config(run) if run.cfg.cmaes.done_calibration > 0 else None  # may refuse: before mkdir
     (out / "episodes").mkdir(parents=True)
     (out / "latents").mkdir()
-    if run.cfg.cmaes.done_calibration > 0:
-        write_text(out / "config.yaml", config_lib.dump(_calibrated_config(run)))
+    if calibrated is not None:
+        write_text(out / "config.yaml", config_lib.dump(calibrated))
     else:
         shutil.copyfile(run.path("config.yaml"), out / "config.yaml")
     for path in (run.vae_path, *members):
