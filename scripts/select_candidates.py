@@ -1,13 +1,15 @@
 """How good was ``select``'s pick?  Its candidates, each with the M it was checked with, on other seeds.
 
-    python scripts/select_candidates.py --run runs/tc12 [--episodes 100] [--seed 10000]
+    python scripts/select_candidates.py --run runs/tc12 [--episodes 100] [--seed 10000] [--top 3]
 
 ``select`` (agents/select.py) plays the ``cmaes.select_top`` best real checks on
 ``cmaes.select_episodes`` fresh episodes and keeps the best.  This script plays the same
 candidates on ``--episodes`` episodes from ``--seed`` (default: the evaluation seeds) and prints
-each one's mean beside its check and its selection score.  A diagnostic only: it changes
+each one's mean beside its check and its selection score; ``--top N`` plays the N best checks
+instead of the run's ``cmaes.select_top`` (a large N: every check whose M was kept).  A diagnostic only: it changes
 nothing in the run, and a controller must never be picked on the evaluation seeds.
-Results: docs/results.md, run tc12 ("How good is select's pick?").
+Results: docs/results.md, run tc12 ("How good is select's pick?") and run c1z4 ("Does `select`
+leave a better controller behind?").
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="a run folder after `select`")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=10_000, help="first seed (default eval.seed)")
+    parser.add_argument("--top", type=int, default=None, help="how many checks (default cmaes.select_top)")
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
 
@@ -35,7 +38,10 @@ def main() -> None:
     try:
         if args.episodes < 1:
             raise UserError(f"--episodes {args.episodes}: must be at least 1")
-        run = open_run(args.run, None, create=False)
+        if args.top is not None and args.top < 1:
+            raise UserError(f"--top {args.top}: must be at least 1")
+        top_n = [] if args.top is None else [f"cmaes.select_top={args.top}"]
+        run = open_run(args.run, None, top_n, create=False)
         if not run.path(STATE_FILE).exists():
             raise UserError(f"{run.path(STATE_FILE)}: not found (run `dream` first)")
     except UserError as exc:
@@ -49,7 +55,8 @@ def main() -> None:
         key = check_key(check)
         select_score = f"{selected[key]:.1f}" if key in selected else "-"
         print(f"{key:>10}   {check['real_score']:10.1f}   {select_score:>14}   "
-              f"{returns.mean():.1f} ± {returns.std():.1f}", flush=True)
+              f"{returns.mean():.1f} ± {returns.std():.1f} (standard error {returns.std() / len(returns) ** 0.5:.1f})",
+              flush=True)
 
 
 if __name__ == "__main__":
