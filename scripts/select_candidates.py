@@ -38,9 +38,7 @@ def main() -> None:
     try:
         if args.episodes < 1:
             raise UserError(f"--episodes {args.episodes}: must be at least 1")
-        if args.top is not None and args.top < 1:
-            raise UserError(f"--top {args.top}: must be at least 1")
-        top_n = [] if args.top is None else [f"cmaes.select_top={args.top}"]
+        top_n = [] if args.top is None else [f"cmaes.select_top={args.top}"]  # the config checks it
         run = open_run(args.run, None, top_n, create=False)
         if not run.path(STATE_FILE).exists():
             raise UserError(f"{run.path(STATE_FILE)}: not found (run `dream` first)")
