@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from test_dream import FakeM
-from test_train_m import _run
+from test_train_m import A, _run
+from test_train_m import Z as M_Z
 
 from agents.agent import Agent
 from agents.cmaes import m_snapshot_path
-from agents.controller import ControllerSpec
+from agents.controller import ControllerSpec, save_controller
 from agents.select import _cache_key
 from worldmodel.errors import UserError
 from worldmodel.io import save_checkpoint
@@ -144,3 +149,27 @@ def test_evaluate_reports_the_share_of_actions_the_shield_replaced():
               "random": {"mean": 50.0, "std": 1.0, "episodes": 2}, "shield": 0.1}
     assert scores(report)["shield"] == "margin 0.1: the critic replaced 1.00 % of the agent's actions"
     assert "shield" not in scores({**report, "shield": 0.0})
+
+
+def test_the_critic_script_trains_a_critic_of_another_horizon_beside_the_agent(tmp_path):
+    """scripts/takecover_critic.py: the run's V, M's and controller linked, and the critic that
+    train-rnn would train for the new horizon on the same latents; a folder of another horizon is refused."""
+    common = ["model.epochs=1", "env.name=takecover", "controller.shield=0.1", "system.precision=float32"]
+    run = _run(tmp_path, overrides=[*common, "model.hazard_horizon=1"])
+    train_m(run)
+    save_controller(run.controller_path, np.zeros(4, np.float32), {"env": "takecover"})
+    out = tmp_path / "out"
+    script = [sys.executable, str(ROOT / "scripts" / "takecover_critic.py"), "--run", str(run.dir), "--out", str(out)]
+    result = subprocess.run([*script, "--horizon", "3"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    k = run.cfg.model.ensemble
+    assert os.path.samefile(out / "m.pt", run.m_path) and os.path.samefile(out / "controller.pt", run.controller_path)
+    reference = _run(tmp_path, overrides=[*common, "model.hazard_horizon=3"], name="reference")
+    train_m(reference)
+    new, same, old = (load_m(p, reference.cfg, M_Z, A).state_dict()
+                      for p in (out / f"m{k}.pt", reference.member_path(k), run.member_path(k)))
+    assert all(torch.allclose(new[name], same[name], atol=1e-5) for name in new)
+    assert not all(torch.allclose(new[name], old[name], atol=1e-5) for name in new)  # the horizon changed it
+    again = subprocess.run([*script, "--horizon", "4"], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 1 and "model.hazard_horizon is 3, not --horizon 4" in again.stderr
+    assert "Traceback" not in again.stderr
