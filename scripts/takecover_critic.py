@@ -7,7 +7,8 @@
 a hard link cannot be made), a link to its latents, and the run's config with
 ``model.hazard_horizon`` = ``--horizon`` (and ``model.epochs`` = ``--epochs`` when given).  Then
 the critic (the M file after the ensemble's) is trained afresh there on all the run's latents, as
-``train-rnn`` trains it (seed ``model.seed`` + ensemble, the run's split, precision and epochs),
+``train-rnn`` trains it (``worldmodel.train_m.train_member``: seed ``model.seed`` + ensemble, the
+run's split, precision and epochs),
 and nothing else changes: ``evaluate`` on ``--out`` plays the run's agent with the new critic as
 its shield.  Each epoch checkpoints; running the command again resumes.  Results:
 docs/results.md, "The shield's critic looking further ahead".
@@ -42,11 +43,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="critic epochs (default: the run's model.epochs)")
     args = parser.parse_args()
 
-    import torch
-
-    from worldmodel import train_m
     from worldmodel.errors import UserError
     from worldmodel.runs import open_run
+    from worldmodel.train_m import format_done, train_member
 
     try:
         if not (Path(args.run) / "config.yaml").is_file():
@@ -62,7 +61,8 @@ def main() -> None:
         out_dir = Path(args.out)
         if out_dir.resolve() == src.dir.resolve():
             raise UserError(f"--out {args.out}: must not be the run itself (its critic would be replaced)")
-        if (out_dir / "config.yaml").exists():
+        resumed = (out_dir / "config.yaml").exists()
+        if resumed:
             stored = open_run(out_dir, None, create=False).cfg.model.hazard_horizon
             if stored != args.horizon:
                 raise UserError(f"{out_dir}/config.yaml: model.hazard_horizon is {stored}, not --horizon "
@@ -70,7 +70,7 @@ def main() -> None:
         overrides = [f"model.hazard_horizon={args.horizon}"]
         if args.epochs is not None:
             overrides.append(f"model.epochs={args.epochs}")
-        out = open_run(out_dir, None if (out_dir / "config.yaml").exists() else src.dir / "config.yaml", overrides)
+        out = open_run(out_dir, None if resumed else src.dir / "config.yaml", overrides)
         if out.cfg.model.ensemble != ensemble:
             raise UserError(f"{out_dir}/config.yaml: model.ensemble {out.cfg.model.ensemble}, "
                             f"the run's is {ensemble}: use another --out")
@@ -78,15 +78,10 @@ def main() -> None:
             link(path, out.dir / path.name)
         if not out.latents_dir.exists():
             out.latents_dir.symlink_to(src.latents_dir.resolve(), target_is_directory=True)
-
-        z_dim = train_m.vae_z_dim(out)
-        device = torch.device("cpu")
-        precision = train_m.resolve_precision(out.cfg.system.precision, device)
-        train, val = train_m._labelled(train_m._splits(out, z_dim, False), args.horizon)
-        summary = train_m._train_member(out, ensemble, train, val, device, precision)
+        summary = train_member(out, ensemble)
     except UserError as exc:
         sys.exit(f"error: {exc}")
-    print(train_m._format_done(summary))
+    print(format_done(summary))
     print(f"critic (death within {args.horizon} steps) in {out.member_path(ensemble)}; "
           f"play it with: python run.py evaluate --run {out.dir}")
 

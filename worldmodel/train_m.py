@@ -275,12 +275,7 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
     device = resolve_device(cfg.system.device)
     z_dim = vae_z_dim(run)
     splits = _splits(run, z_dim, skip_bad)  # here too when workers train: a bad file is one clear error
-    precision = resolve_precision(cfg.system.precision, device)
-    if precision is not None and device.type == "cpu" and not cpu_has_native_bf16():
-        # oneDNN has no bfloat16 LSTM without AVX-512: nn.LSTM would fail to build its kernel.
-        print("train-rnn: system.precision bfloat16 needs AVX-512 BF16 or AMX for M's LSTM, "
-              "which this CPU lacks; M trains in float32")
-        precision = None
+    precision = _precision(cfg, device)
     processes = member_processes(cfg, device, run.m_files)
     if processes > 1:
         del splits  # each worker loads its own copy
@@ -290,8 +285,30 @@ def train_m(run: Run, skip_bad: bool = False) -> dict[str, Any]:
         labelled = {h: _labelled(splits, h) for h in set(horizons)}  # one copy per horizon, not per M
         summaries = [_train_member(run, k, *labelled[h], device, precision) for k, h in enumerate(horizons)]
     plot_run(run, stages=("m",))
-    print(_format_done(summaries[0]))
+    print(format_done(summaries[0]))
     return summaries[0]
+
+
+def train_member(run: Run, member: int, skip_bad: bool = False) -> dict[str, Any]:
+    """Train M file ``member`` alone, in this process, as :func:`train_m` trains it (its seed, the
+    run's split, its done horizon, precision and epochs; resuming from its checkpoint): e.g. the
+    hazard critic of another ``model.hazard_horizon`` beside a run's agent
+    (scripts/takecover_critic.py).  Returns its summary."""
+    device = resolve_device(run.cfg.system.device)
+    splits = _splits(run, vae_z_dim(run), skip_bad)
+    return _train_member(run, member, *_labelled(splits, _done_horizon(run.cfg, member)), device,
+                         _precision(run.cfg, device))
+
+
+def _precision(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype M trains in: ``system.precision``, but float32 where the CPU has no bfloat16 LSTM."""
+    precision = resolve_precision(cfg.system.precision, device)
+    if precision is not None and device.type == "cpu" and not cpu_has_native_bf16():
+        # oneDNN has no bfloat16 LSTM without AVX-512: nn.LSTM would fail to build its kernel.
+        print("train-rnn: system.precision bfloat16 needs AVX-512 BF16 or AMX for M's LSTM, "
+              "which this CPU lacks; M trains in float32")
+        precision = None
+    return precision
 
 
 def member_processes(cfg: Config, device: torch.device, members: int) -> int:
@@ -421,7 +438,7 @@ def _format(record: dict[str, Any]) -> str:
     return f"epoch {record['epoch']}: {terms}"
 
 
-def _format_done(s: dict[str, Any]) -> str:
+def format_done(s: dict[str, Any]) -> str:
     return (f"done head on {s['done_eval_episodes']} {s['done_eval_split']} episodes "
             f"(threshold {s['done_threshold']}): precision {_fmt(s['done_precision'])}, "
             f"recall {_fmt(s['done_recall'])}, "
