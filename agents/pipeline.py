@@ -110,13 +110,18 @@ def pipeline(run: Run, workers: int | None = None, backend: str | None = None, s
         result = evaluate_run(run, workers=workers, backend=backend, progress=progress)
         append_jsonl(run.metrics_path("pipeline"), {"stage": "evaluate", "seconds": time.perf_counter() - start,
                                                     "time": time.time()})
-    print(f"real {run.cfg.env.name}: agent {result['agent']}")
-    print(f"real {run.cfg.env.name}: random policy {result['random policy']}")
-    if "agent in the dream" in result:
-        print(f"dream {run.cfg.env.name}: agent {result['agent in the dream']}")
-    if "blind pacer" in result:
-        print(f"real {run.cfg.env.name}: blind pacer {result['blind pacer']}")
-    if "blind pacer in the dream" in result:
-        print(f"dream {run.cfg.env.name}: blind pacer {result['blind pacer in the dream']}")
+    for line in score_lines(run.cfg.env.name, result):
+        print(line)
     summaries["evaluate"] = result
     return summaries
+
+
+#: The lines of :func:`agents.evaluate.scores` the pipeline ends with, in order, and where each was played.
+_SCORE_LINES = (("real", "agent", "agent"), ("real", "committee", "committee"), ("real", "shield", "shield"), ("real", "random policy", "random policy"),
+                ("dream", "agent in the dream", "agent"), ("real", "blind pacer", "blind pacer"),
+                ("dream", "blind pacer in the dream", "blind pacer"))
+
+
+def score_lines(env: str, result: dict[str, str]) -> list[str]:
+    """The pipeline's last lines: the real score, the shield's share of it, the baselines, the dream's."""
+    return [f"{where} {env}: {label} {result[key]}" for where, key, label in _SCORE_LINES if key in result]

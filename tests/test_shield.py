@@ -151,6 +151,18 @@ def test_evaluate_reports_the_share_of_actions_the_shield_replaced():
     assert "shield" not in scores({**report, "shield": 0.0})
 
 
+def test_the_pipeline_ends_with_the_share_of_actions_the_shield_replaced():
+    from agents.pipeline import score_lines
+
+    result = {"agent": "200.0 ± 100.0", "random policy": "50.0 ± 1.0", "shield": "margin 0.1: 1.00 %",
+              "agent in the dream": "30.0 ± 3.0"}
+    assert score_lines("takecover", result) == [
+        "real takecover: agent 200.0 ± 100.0", "real takecover: shield margin 0.1: 1.00 %",
+        "real takecover: random policy 50.0 ± 1.0", "dream takecover: agent 30.0 ± 3.0"]
+    del result["shield"]
+    assert "shield" not in "".join(score_lines("takecover", result))
+
+
 def test_the_critic_script_trains_a_critic_of_another_horizon_beside_the_agent(tmp_path):
     """scripts/takecover_critic.py: the run's V, M's and controller linked, and the critic that
     train-rnn would train for the new horizon on the same latents; a folder of another horizon is refused."""
