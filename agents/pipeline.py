@@ -117,9 +117,9 @@ def pipeline(run: Run, workers: int | None = None, backend: str | None = None, s
 
 
 #: The lines of :func:`agents.evaluate.scores` the pipeline ends with, in order, and where each was played.
-_SCORE_LINES = (("real", "agent", "agent"), ("real", "committee", "committee"), ("real", "shield", "shield"), ("real", "random policy", "random policy"),
-                ("dream", "agent in the dream", "agent"), ("real", "blind pacer", "blind pacer"),
-                ("dream", "blind pacer in the dream", "blind pacer"))
+_SCORE_LINES = (("real", "agent", "agent"), ("real", "committee", "committee"), ("real", "shield", "shield"),
+                ("real", "random policy", "random policy"), ("dream", "agent in the dream", "agent"),
+                ("real", "blind pacer", "blind pacer"), ("dream", "blind pacer in the dream", "blind pacer"))
 
 
 def score_lines(env: str, result: dict[str, str]) -> list[str]:
