@@ -3,7 +3,9 @@
 Each generation, pycma proposes ``population`` controllers; every one of them, plus the
 distribution mean (the *centre*), dreams ``rollouts`` times, all in one batched call of
 :func:`envs.dream.dream_rollouts`.  Fitness is the mean dream return (pycma minimises,
-so it is told the negative).  Rollout j of every candidate starts from the same z and
+so it is told the negative).  On a CPU the batch is split over one-thread processes, each
+dreaming a share of the candidates (``cmaes.workers``; agents/dream_workers.py), which gives the
+same fitness faster.  Rollout j of every candidate starts from the same z and
 sees the same noise (common random numbers, fresh each generation), so candidates are
 compared on equal luck.  With ``cmaes.midway_starts``, the last of those rollouts start inside
 real episodes (:class:`envs.dream.MidwayStarts`, a pool of ``MIDWAY_POOL`` points built once
@@ -35,6 +37,7 @@ Files in the run folder (all written atomically, once per generation):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -51,6 +54,7 @@ import torch
 from tqdm import tqdm
 
 from agents.controller import ControllerSpec, save_controller
+from agents.dream_workers import DreamPool, dream_workers
 from envs.dream import (
     DreamSettings,
     MidwayStarts,
@@ -323,16 +327,22 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
 
     bar = tqdm(total=c.generations, initial=start_generation, disable=not progress, desc="dream",
                unit="gen", dynamic_ncols=True)
-    while state["generation"] < c.generations:
-        record = _one_generation(state, m, spec, settings, starts, c, evaluate_fn, m_id, midway, n_midway)
-        _save_controllers(run, state, spec, settings)
-        _save_state(state_path, state)
-        append_jsonl(metrics_path, record)
-        if record["real_mean"] is not None:
-            plot_run(run, stages=("dream",))
-        bar.update(1)
-        bar.set_postfix(best=f"{record['dream_best']:.1f}", mean=f"{record['dream_mean']:.1f}",
-                        real="-" if record["real_mean"] is None else f"{record['real_mean']:.1f}")
+    workers = dream_workers(c.workers, (c.population + 1) * c.rollouts, device)
+    pool = None
+    if workers > 1 and state["generation"] < c.generations:
+        pool = DreamPool(workers, m, spec, starts, midway, n_midway, cfg.system.task_timeout)
+    with pool or contextlib.nullcontext():
+        while state["generation"] < c.generations:
+            record = _one_generation(state, m, spec, settings, starts, c, evaluate_fn, m_id, midway, n_midway,
+                                     pool)
+            _save_controllers(run, state, spec, settings)
+            _save_state(state_path, state)
+            append_jsonl(metrics_path, record)
+            if record["real_mean"] is not None:
+                plot_run(run, stages=("dream",))
+            bar.update(1)
+            bar.set_postfix(best=f"{record['dream_best']:.1f}", mean=f"{record['dream_mean']:.1f}",
+                            real="-" if record["real_mean"] is None else f"{record['real_mean']:.1f}")
     bar.close()
     plot_run(run, stages=("dream",))
     if state["best_dream"] is None:
@@ -370,19 +380,25 @@ def _calibrated(run: Run, settings: DreamSettings, m: WorldModel, m_id: str, sta
 
 def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: DreamSettings,
                     starts: torch.Tensor, c, evaluate_fn: EvaluateFn | None, m_id: str,
-                    midway: MidwayStarts | None = None, n_midway: int = 0) -> dict:
+                    midway: MidwayStarts | None = None, n_midway: int = 0,
+                    pool: DreamPool | None = None) -> dict:
     """Ask, dream, tell, maybe check the centre in the real game; updates ``state`` in place.
 
     ``m_id``: :func:`weights_fingerprint` of the M the real game's agent plays with; each check
-    records it, and a check with a new M replaces the best one of an older M."""
+    records it, and a check with a new M replaces the best one of an older M.  ``pool``: the
+    processes that dream the generation (None: this one)."""
     es = state["es"]
     generation = state["generation"] + 1
     t0 = time.perf_counter()
     solutions = es.ask()
     candidates = np.vstack([np.asarray(solutions), es.mean[None, :]])  # last row: the centre
-    generator = torch.Generator(device="cpu").manual_seed(generation_seed(c.seed, generation))
-    fitness, mean_length, steps = dream_fitness(m, candidates, spec, settings, starts, c.rollouts, generator,
-                                                midway, n_midway)
+    seed = generation_seed(c.seed, generation)
+    if pool is not None:
+        fitness, mean_length, steps = pool.fitness(candidates, settings, c.rollouts, seed)
+    else:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        fitness, mean_length, steps = dream_fitness(m, candidates, spec, settings, starts, c.rollouts, generator,
+                                                    midway, n_midway)
     es.tell(solutions, (-fitness[:-1]).tolist())
     pop, centre = fitness[:-1], float(fitness[-1])
     best_i = int(np.argmax(pop))

@@ -165,9 +165,7 @@ def _run_local(fn: Callable[[Task], Any], tasks: list[Task], workers: int, timeo
                     break
         return
 
-    ctx = mp.get_context("spawn")  # fork would copy the parent's torch / BLAS thread pools
-    with _single_thread_env():
-        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    pool = open_pool(workers)
     attempts = {}
     pending: dict[cf.Future, Task] = {}
     queue = list(reversed(tasks))
@@ -181,7 +179,31 @@ def _run_local(fn: Callable[[Task], Any], tasks: list[Task], workers: int, timeo
     finally:
         for future in pending:
             future.cancel()
-        _terminate(pool, graceful=finished)
+        close_pool(pool, graceful=finished)
+
+
+def open_pool(workers: int, initializer: Callable[..., None] | None = None,
+              initargs: tuple = ()) -> cf.ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes, one BLAS / torch thread each, that exit with
+    their parent; ``initializer(*initargs)`` runs in each after that.  Stop it with
+    :func:`close_pool`."""
+    ctx = mp.get_context("spawn")  # fork would copy the parent's torch / BLAS thread pools
+    with _single_thread_env():
+        return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_then,
+                                      initargs=(initializer, initargs))
+
+
+def submit(pool: cf.ProcessPoolExecutor, fn: Callable[..., Any], *args: Any) -> cf.Future:
+    """``pool.submit(fn, *args)``; a worker it starts (the pool spawns them as tasks come) is
+    born with one thread."""
+    with _single_thread_env():
+        return pool.submit(fn, *args)
+
+
+def _init_then(initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    _init_worker()
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def _drive(pool: cf.ProcessPoolExecutor, fn: Callable[[Task], Any], queue: list[Task],
@@ -191,8 +213,7 @@ def _drive(pool: cf.ProcessPoolExecutor, fn: Callable[[Task], Any], queue: list[
     while queue or pending:
         while queue and len(pending) < 2 * workers:
             task = queue.pop()
-            with _single_thread_env():
-                pending[pool.submit(_call, fn, task)] = task
+            pending[submit(pool, _call, fn, task)] = task
         done, _ = cf.wait(pending, timeout=timeout, return_when=cf.FIRST_COMPLETED)
         if not done:
             names = ", ".join(_describe(t) for t in list(pending.values())[:3])
@@ -206,7 +227,7 @@ def _drive(pool: cf.ProcessPoolExecutor, fn: Callable[[Task], Any], queue: list[
                 yield task, outcome[1]
 
 
-def _terminate(pool: cf.ProcessPoolExecutor, graceful: bool) -> None:
+def close_pool(pool: cf.ProcessPoolExecutor, graceful: bool) -> None:
     """Stop the workers and the processes they started, never waiting long on a hung one.
 
     ``graceful``: every task is done, the workers exit on their own; otherwise they
