@@ -426,7 +426,8 @@ def _one_generation(state: dict, m: WorldModel, spec: ControllerSpec, settings: 
         "generation": generation, "dream_mean": float(pop.mean()), "dream_best": float(pop[best_i]),
         "dream_std": float(pop.std()), "dream_worst": float(pop.min()), "centre_dream": centre,
         "sigma": float(es.sigma), "mean_length": mean_length, "dream_steps": steps,
-        "dream_steps_per_s": steps / max(dream_s, 1e-9), "real_mean": real_mean, "real_std": real_std,
+        "dream_steps_per_s": steps / max(dream_s, 1e-9), "dream_workers": 1 if pool is None else pool.workers,
+        "real_mean": real_mean, "real_std": real_std,
         "best_dream_ever": state["best_dream"]["dream_score"], "done_threshold": settings.done_threshold,
         "wall_s": wall, "time": time.time(),
     }

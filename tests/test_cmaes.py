@@ -258,3 +258,56 @@ def test_a_retrained_m_starts_the_best_real_check_afresh(tmp_path):
     params, meta = load_controller(tmp_path / "controller.pt")
     assert meta["generation"] == 3
     np.testing.assert_array_equal(params, checks[2]["params"])
+
+
+def test_dream_workers_rule():
+    from agents.dream_workers import MIN_DREAMS_PER_WORKER, dream_workers
+
+    cpu = torch.device("cpu")
+    assert dream_workers(3, 10, cpu) == 3  # cmaes.workers as given
+    assert dream_workers(None, MIN_DREAMS_PER_WORKER - 1, cpu) == 1  # too few dreams to split
+    assert 1 <= dream_workers(None, 100 * MIN_DREAMS_PER_WORKER, cpu) <= torch.multiprocessing.cpu_count()
+    assert dream_workers(4, 10_000, torch.device("cuda")) == 1  # a GPU dreams the whole batch
+
+
+@pytest.mark.parametrize("midway", [0.0, 0.5])
+def test_worker_processes_dream_the_fitness_of_one_batch(tmp_path, midway):
+    """cmaes.workers = 2 splits every generation's candidates over two processes: the same
+    fitness, so the same search, to the bit (an MDN-RNN whose dreams end at different steps)."""
+    from worldmodel.mdnrnn import MDNRNN
+
+    torch.manual_seed(0)
+    m = MDNRNN(3, 1, 16, 3)
+    with torch.no_grad():
+        m.head.bias[-1] = -2.5  # P(done) around 0.1 a step, moved by z and h
+    data = _latents_with_actions(5, 12, 3)
+
+    def search(d, workers):
+        run = make_run(tmp_path / d, generations=3, population=7)
+        run.cfg.cmaes.workers, run.cfg.cmaes.done, run.cfg.cmaes.midway_starts = workers, "sample", midway
+        train_controller(run, progress=False, m=m, starts=STARTS, data=data)
+        return load_state(tmp_path / d / STATE_FILE)
+
+    one, split = search("one", 1), search("split", 2)
+    assert [h["dream_workers"] for h in split["history"]] == [2, 2, 2]
+    a, b = _comparable(one), _comparable(split)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[2], b[2])
+    assert a[1] == b[1]
+    lengths = [h["mean_length"] for h in one["history"]]
+    assert 1 < min(lengths) and max(lengths) < 25  # dreams ended at many steps, none all at once
+    for h1, h2 in zip(a[3], b[3]):
+        assert h1.pop("dream_workers") == 1 and h2.pop("dream_workers") == 2
+        assert h1.pop("mean_length") == pytest.approx(h2.pop("mean_length"))
+        assert h1 == h2
+
+
+def _latents_with_actions(episodes: int, length: int, z_dim: int):
+    """Real-looking episodes for midway starts: random z and actions, ``length`` steps each."""
+    from worldmodel.latents import Latents
+
+    rng = np.random.default_rng(0)
+    n = episodes * length
+    return Latents(rng.normal(size=(n, z_dim)).astype(np.float32), np.full((n, z_dim), -2.0, np.float32),
+                   rng.uniform(-1, 1, size=(n, 1)).astype(np.float32), np.zeros(n, np.float32), np.zeros(n, bool),
+                   np.arange(episodes) * length, np.full(episodes, length), [])
