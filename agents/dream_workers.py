@@ -1,16 +1,20 @@
 """A CMA-ES generation's dreams split over one-thread processes.
 
-On a 2-core CPU one process with two threads runs a generation's batch of dreams (a few
-hundred rows that shrink as dreams end) at about half the speed that two one-thread
-processes reach, each on half the candidates: the step's matrix products are small, and
-the threads' barriers cost more than the second core gives (docs/benchmarks.md, "Dream
-workers"; ``python benchmarks/dream_workers.py``).
+On a 2-core CPU two one-thread processes, each on half the candidates, dream a generation
+1.5–1.8 times as fast as one process with two threads on the whole batch (a few hundred rows
+that shrink as dreams end): the step's matrix products are small, and the threads' barriers
+cost much of what the second core gives (docs/benchmarks.md, "Dream workers";
+``python benchmarks/dream_workers.py``).
 
 Each worker dreams a contiguous share of the candidates with every one of the generation's
 rollouts.  The noise of a dream depends only on its rollout's stream and the generation's
 seed (:func:`envs.dream.dream_rollouts`), so every worker draws the same noise from the same
-seed, and a candidate's dreams are the dreams it would have had in one batch: the split
-changes the time, not the fitness (tests/test_cmaes.py compares the two).
+seed, and a candidate's dreams are the dreams it would have had in one batch, but for the
+rounding of the matrix products: a bfloat16 product's row can change in its last bits with the
+rows beside it and with the thread count (the preset's LSTM-512 M's on an AMX Xeon), as it does
+between a one-thread and a two-thread run.  A generation's fitness is what
+:func:`agents.cmaes.dream_fitness` gives each share in one thread (tests/test_cmaes.py), so a
+search with the same ``cmaes.workers`` resumes and reruns exactly.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ split over one-thread worker processes, each dreaming a share of the candidates
 (``cmaes.workers`` null: one per core; agents/dream_workers.py).  Both run here on the same
 candidates and generation seeds, rounds alternating; the script prints the seconds per
 generation of each (the pool already started: its start is printed apart), the ratio, and
-whether the two gave the same fitness.
+whether the two gave the same fitness (bfloat16 products may round a row differently with the
+rows beside it and the thread count: agents/dream_workers.py).
 
     python benchmarks/dream_workers.py                     # the preset's sizes, a random M
     python benchmarks/dream_workers.py --run runs/h384z1   # a run's M's, controller search and config

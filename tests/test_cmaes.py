@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.cmaes import STATE_FILE, load_state, train_controller, weights_fingerprint
+from agents.cmaes import STATE_FILE, dream_fitness, load_state, train_controller, weights_fingerprint
 from agents.controller import load_controller
 from worldmodel import config as config_lib
 from worldmodel.errors import UserError
@@ -270,37 +270,65 @@ def test_dream_workers_rule():
     assert dream_workers(4, 10_000, torch.device("cuda")) == 1  # a GPU dreams the whole batch
 
 
-@pytest.mark.parametrize("midway", [0.0, 0.5])
-def test_worker_processes_dream_the_fitness_of_one_batch(tmp_path, midway):
-    """cmaes.workers = 2 splits every generation's candidates over two processes: the same
-    fitness, so the same search, to the bit (an MDN-RNN whose dreams end at different steps)."""
+def _random_mdnrnn():
+    """An MDN-RNN whose dreams end at different steps: P(done) about 0.1 a step, moved by z and h."""
     from worldmodel.mdnrnn import MDNRNN
 
     torch.manual_seed(0)
     m = MDNRNN(3, 1, 16, 3)
     with torch.no_grad():
-        m.head.bias[-1] = -2.5  # P(done) around 0.1 a step, moved by z and h
-    data = _latents_with_actions(5, 12, 3)
+        m.head.bias[-1] = -2.5
+    return m.eval()
 
-    def search(d, workers):
-        run = make_run(tmp_path / d, generations=3, population=7)
-        run.cfg.cmaes.workers, run.cfg.cmaes.done, run.cfg.cmaes.midway_starts = workers, "sample", midway
-        train_controller(run, progress=False, m=m, starts=STARTS, data=data)
+
+def test_a_dream_worker_dreams_its_share_as_one_thread_here_would():
+    """The pool's fitness is each share's fitness from :func:`dream_fitness` in one thread,
+    from the generation's seed, candidates in order (midway starts included)."""
+    from agents.controller import ControllerSpec
+    from agents.dream_workers import DreamPool
+    from envs.dream import DreamSettings, midway_starts
+
+    m, data = _random_mdnrnn(), _latents_with_actions(5, 12, 3)
+    cfg = make_run(None).cfg
+    cfg.cmaes.done = "sample"
+    settings, spec = DreamSettings.from_config(cfg), ControllerSpec.for_config(cfg, m)
+    midway = midway_starts(m, data, 8, np.random.default_rng(0))
+    candidates = np.random.default_rng(1).normal(0, 0.5, size=(7, spec.num_params))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        shares = [dream_fitness(m, share, spec, settings, STARTS, 4, torch.Generator().manual_seed(seed), midway, 2)
+                  for seed in (11, 12) for share in (candidates[:4], candidates[4:])]
+    finally:
+        torch.set_num_threads(threads)
+    with DreamPool(2, m, spec, STARTS, midway, 2, 60.0) as pool:
+        split = [pool.fitness(candidates, settings, 4, seed) for seed in (11, 12)]
+    for k, (fitness, mean_length, steps) in enumerate(split):
+        (a, la, sa), (b, lb, sb) = shares[2 * k], shares[2 * k + 1]
+        np.testing.assert_array_equal(fitness, np.concatenate([a, b]))
+        assert steps == sa + sb and mean_length == pytest.approx((la * 16 + lb * 12) / 28)
+        assert 1 < mean_length < 25  # dreams ended at many steps
+    assert not np.array_equal(split[0][0], split[1][0])  # each generation its own noise
+
+
+def test_a_search_dreamt_by_worker_processes_resumes_exactly(tmp_path):
+    m = _random_mdnrnn()
+
+    def search(d, generations):
+        run = make_run(tmp_path / d, generations=generations, population=7)
+        run.cfg.cmaes.workers, run.cfg.cmaes.done = 2, "sample"
+        train_controller(run, progress=False, m=m, starts=STARTS)
         return load_state(tmp_path / d / STATE_FILE)
 
-    one, split = search("one", 1), search("split", 2)
-    assert [h["dream_workers"] for h in split["history"]] == [2, 2, 2]
-    a, b = _comparable(one), _comparable(split)
+    straight = search("a", 3)
+    search("b", 2)  # "killed" after generation 2
+    resumed = search("b", 3)
+    assert [h["dream_workers"] for h in straight["history"]] == [2, 2, 2]
+    a, b = _comparable(straight), _comparable(resumed)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[2], b[2])
-    assert a[1] == b[1]
-    lengths = [h["mean_length"] for h in one["history"]]
-    assert 1 < min(lengths) and max(lengths) < 25  # dreams ended at many steps, none all at once
-    for h1, h2 in zip(a[3], b[3]):
-        assert h1.pop("dream_workers") == 1 and h2.pop("dream_workers") == 2
-        assert h1.pop("mean_length") == pytest.approx(h2.pop("mean_length"))
-        assert h1 == h2
-
+    assert a[1] == b[1] and a[3] == b[3]
+    assert a[3][-1]["dream_mean"] != a[3][0]["dream_mean"]
 
 def _latents_with_actions(episodes: int, length: int, z_dim: int):
     """Real-looking episodes for midway starts: random z and actions, ``length`` steps each."""

@@ -166,7 +166,8 @@ class CMAESConfig:
     rollouts: int = _f(16, low=1, doc="dreams per candidate; fitness is their mean")
     workers: Optional[int] = _f(None, low=1, doc="on a CPU, processes that dream each generation, one thread "
                                                  "each, every one a share of the candidates (the same "
-                                                 "fitness as one batch; agents/dream_workers.py); null = "
+                                                 "dreams as one batch, faster; agents/dream_workers.py); "
+                                                 "null = "
                                                  "one per core where each gets 64 dreams or more; 1 = "
                                                  "one batch in this process with every thread")
     generations: int = _f(100, low=1)
