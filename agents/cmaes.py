@@ -5,7 +5,7 @@ distribution mean (the *centre*), dreams ``rollouts`` times, all in one batched 
 :func:`envs.dream.dream_rollouts`.  Fitness is the mean dream return (pycma minimises,
 so it is told the negative).  On a CPU the batch is split over one-thread processes, each
 dreaming a share of the candidates (``cmaes.workers``; agents/dream_workers.py): the same
-dreams, faster.  Rollout j of every candidate starts from the same z and
+dreams but for the rounding of bfloat16 products, faster.  Rollout j of every candidate starts from the same z and
 sees the same noise (common random numbers, fresh each generation), so candidates are
 compared on equal luck.  With ``cmaes.midway_starts``, the last of those rollouts start inside
 real episodes (:class:`envs.dream.MidwayStarts`, a pool of ``MIDWAY_POOL`` points built once
