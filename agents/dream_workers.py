@@ -1,10 +1,10 @@
 """A CMA-ES generation's dreams split over one-thread processes.
 
-On a 2-core CPU two one-thread processes, each on half the candidates, dream a generation
-1.5–1.8 times as fast as one process with two threads on the whole batch (a few hundred rows
-that shrink as dreams end): the step's matrix products are small, and the threads' barriers
-cost much of what the second core gives (docs/benchmarks.md, "Dream workers";
-``python benchmarks/dream_workers.py``).
+On a 2-core CPU two one-thread processes, each on half the candidates, dreamt a generation of
+two TakeCover runs' M's 1.5 and 1.9 times as fast as one process with two threads on the whole
+batch (a few hundred rows that shrink as dreams end): the step's matrix products are small, and
+the threads' barriers cost much of what the second core gives (docs/benchmarks.md, "Dream
+workers"; ``python benchmarks/dream_workers.py``; a random ensemble gained only 1.06×).
 
 Each worker dreams a contiguous share of the candidates with every one of the generation's
 rollouts.  The noise of a dream depends only on its rollout's stream and the generation's

@@ -13,9 +13,10 @@ rows beside it and the thread count: agents/dream_workers.py).
     python benchmarks/dream_workers.py --run runs/h384z1   # a run's M's, controller search and config
 
 With ``--run``: the run's M files (ensemble, critic), start latents, dream settings and the
-candidates of its saved CMA-ES state (nothing in the run is written).  Without: one MDN-RNN
-of the preset's sizes (z 64, LSTM 512, 5 mixtures) with random weights and a done bias that
-ends a dream after about 200 steps, sampled (the preset's population, rollouts and length).
+candidates of its saved CMA-ES state (nothing in the run is written).  Without: the preset's
+ensemble (three MDN-RNNs of z 64, LSTM 512, 5 mixtures, and a critic) with random weights, each
+member's done bias ending a dream after about 200 steps, sampled (the preset's population,
+rollouts, length and ensemble rule).
 
 Results: docs/benchmarks.md, "Dream workers".
 """
@@ -35,6 +36,7 @@ from agents.controller import ControllerSpec
 from agents.dream_workers import DreamPool
 from envs.dream import DreamSettings, load_start_latents, load_world_model
 from worldmodel import config as config_lib
+from worldmodel.ensemble import Ensemble
 from worldmodel.mdnrnn import MDNRNN
 from worldmodel.runs import open_run
 from worldmodel.torch_utils import available_cores, resolve_precision
@@ -56,10 +58,15 @@ def from_run(path: Path):
 def synthetic():
     cfg = config_lib.load(PRESET)
     cfg.cmaes.done = "sample"
+    c = cfg.cmaes
     torch.manual_seed(0)
-    m = MDNRNN(cfg.vae.z_dim, 1, cfg.model.hidden, cfg.model.mixtures).eval()
-    with torch.no_grad():
-        m.head.bias[-1] = -5.3  # P(done) about 1/200 a step
+    members = [MDNRNN(cfg.vae.z_dim, 1, cfg.model.hidden, cfg.model.mixtures) for _ in range(cfg.model.ensemble)]
+    for member in members:
+        with torch.no_grad():
+            member.head.bias[-1] = -6.4  # P(done) about 1/600 a step for each
+    critic = MDNRNN(cfg.vae.z_dim, 1, cfg.model.hidden, cfg.model.mixtures) if cfg.model.hazard_horizon else None
+    m = Ensemble(members, c.disagreement, c.ensemble_done, critic, c.hazard_penalty, c.hazard_threshold,
+                 cfg.controller.shield if c.dream_shield else 0.0, c.ensemble_moves).eval()
     m.set_dream_precision(resolve_precision(cfg.system.precision, torch.device("cpu")))
     spec = ControllerSpec.for_config(cfg, m)
     rng = np.random.default_rng(0)
