@@ -9,7 +9,7 @@ generation of each (the pool already started: its start is printed apart), the r
 whether the two gave the same fitness (bfloat16 products may round a row differently with the
 rows beside it and the thread count: agents/dream_workers.py).
 
-    python benchmarks/dream_workers.py                     # the preset's sizes, a random M
+    python benchmarks/dream_workers.py                     # the preset's ensemble, random weights
     python benchmarks/dream_workers.py --run runs/h384z1   # a run's M's, controller search and config
 
 With ``--run``: the run's M files (ensemble, critic), start latents, dream settings and the
@@ -34,12 +34,11 @@ import torch
 from agents.cmaes import dream_fitness, generation_seed, load_state
 from agents.controller import ControllerSpec
 from agents.dream_workers import DreamPool
-from envs.dream import DreamSettings, load_start_latents, load_world_model
+from envs.dream import DreamSettings, assemble_world_model, load_start_latents, load_world_model
 from worldmodel import config as config_lib
-from worldmodel.ensemble import Ensemble
 from worldmodel.mdnrnn import MDNRNN
 from worldmodel.runs import open_run
-from worldmodel.torch_utils import available_cores, resolve_precision
+from worldmodel.torch_utils import available_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "takecover-cpu.yaml"
@@ -58,16 +57,13 @@ def from_run(path: Path):
 def synthetic():
     cfg = config_lib.load(PRESET)
     cfg.cmaes.done = "sample"
-    c = cfg.cmaes
     torch.manual_seed(0)
     members = [MDNRNN(cfg.vae.z_dim, 1, cfg.model.hidden, cfg.model.mixtures) for _ in range(cfg.model.ensemble)]
     for member in members:
         with torch.no_grad():
             member.head.bias[-1] = -6.4  # P(done) about 1/600 a step for each
     critic = MDNRNN(cfg.vae.z_dim, 1, cfg.model.hidden, cfg.model.mixtures) if cfg.model.hazard_horizon else None
-    m = Ensemble(members, c.disagreement, c.ensemble_done, critic, c.hazard_penalty, c.hazard_threshold,
-                 cfg.controller.shield if c.dream_shield else 0.0, c.ensemble_moves).eval()
-    m.set_dream_precision(resolve_precision(cfg.system.precision, torch.device("cpu")))
+    m = assemble_world_model(cfg, members, critic).eval()
     spec = ControllerSpec.for_config(cfg, m)
     rng = np.random.default_rng(0)
     candidates = rng.normal(0, 0.1, size=(cfg.cmaes.population + 1, spec.num_params))

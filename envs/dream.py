@@ -377,7 +377,6 @@ def load_world_model(run: Run, device: str | torch.device = "cpu") -> WorldModel
     ``model.ensemble`` > 1 or a hazard critic, all the M's behind one
     :class:`worldmodel.ensemble.Ensemble`."""
     from envs import action_dim
-    from worldmodel.ensemble import Ensemble
     from worldmodel.train_m import load_m
 
     members = []
@@ -388,12 +387,21 @@ def load_world_model(run: Run, device: str | torch.device = "cpu") -> WorldModel
         members.append(load_m(path, run.cfg, z_dim=run.cfg.vae.z_dim,
                               action_dim=action_dim(run.cfg.env.name), device=device))
     critic = members.pop() if run.cfg.model.hazard_horizon else None
+    return assemble_world_model(run.cfg, members, critic, device)
+
+
+def assemble_world_model(cfg: Config, members: list[WorldModel], critic: WorldModel | None,
+                         device: str | torch.device = "cpu") -> WorldModel:
+    """The dream's M from its parts: the one member, or the members and the hazard critic behind one
+    :class:`worldmodel.ensemble.Ensemble` with ``cfg``'s dream rules; in ``system.precision``."""
+    from worldmodel.ensemble import Ensemble
+
     m = members[0]
     if len(members) > 1 or critic is not None:
-        c = run.cfg.cmaes
+        c = cfg.cmaes
         m = Ensemble(members, c.disagreement, c.ensemble_done, critic, c.hazard_penalty, c.hazard_threshold,
-                     run.cfg.controller.shield if c.dream_shield else 0.0, c.ensemble_moves).to(device)
-    m.set_dream_precision(resolve_precision(run.cfg.system.precision, device))
+                     cfg.controller.shield if c.dream_shield else 0.0, c.ensemble_moves).to(device)
+    m.set_dream_precision(resolve_precision(cfg.system.precision, device))
     return m
 
 

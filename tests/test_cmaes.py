@@ -330,6 +330,7 @@ def test_a_search_dreamt_by_worker_processes_resumes_exactly(tmp_path):
     assert a[1] == b[1] and a[3] == b[3]
     assert a[3][-1]["dream_mean"] != a[3][0]["dream_mean"]
 
+
 def _latents_with_actions(episodes: int, length: int, z_dim: int):
     """Real-looking episodes for midway starts: random z and actions, ``length`` steps each."""
     from worldmodel.latents import Latents

@@ -166,10 +166,10 @@ class CMAESConfig:
     rollouts: int = _f(16, low=1, doc="dreams per candidate; fitness is their mean")
     workers: Optional[int] = _f(None, low=1, doc="on a CPU, processes that dream each generation, one thread "
                                                  "each, every one a share of the candidates (the same "
-                                                 "dreams as one batch, faster; agents/dream_workers.py); "
-                                                 "null = "
-                                                 "one per core where each gets 64 dreams or more; 1 = "
-                                                 "one batch in this process with every thread")
+                                                 "dreams as one batch but for bfloat16 rounding, faster; "
+                                                 "agents/dream_workers.py); null = one per core where each "
+                                                 "gets 64 dreams or more; 1 = one batch in this process "
+                                                 "with every thread")
     generations: int = _f(100, low=1)
     sigma0: float = _f(0.1, low=0.0)
     temperature: float = _f(1.15, low=0.0, doc="tau: mixture logits / tau, sigma * sqrt(tau)")
