@@ -105,15 +105,28 @@ class Agent:
         # One generator per environment, so an episode's draws do not depend on its batch-mates.
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
+    def add(self, seeds: list[int]) -> None:
+        """Start ``len(seeds)`` more episodes, as rows after the others (seeds as in :meth:`reset`)."""
+        if self.per_env:
+            raise ValueError("an agent with one controller per environment cannot take more environments")
+        k = len(seeds)
+        self.state = tuple(torch.cat([s, s0]) for s, s0 in zip(self.state, self.m.initial_state(k)))
+        if self.critic is not None:
+            self.critic_state = tuple(torch.cat([s, s0]) for s, s0 in zip(self.critic_state,
+                                                                          self.critic.initial_state(k)))
+        self.overrides = np.concatenate([self.overrides, np.zeros(k, np.int64)])
+        self.generators += [torch.Generator().manual_seed(int(s)) for s in seeds]
+
     def keep(self, rows: np.ndarray | list[int]) -> None:
         """Drop finished environments: keep only state rows ``rows`` (indices)."""
-        index = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.device)
+        rows = np.asarray(rows, np.int64)  # an empty list too
+        index = torch.as_tensor(rows, device=self.device)
         self.state = tuple(s[index] for s in self.state)
         self.critic_state = tuple(s[index] for s in self.critic_state)
-        self.overrides = self.overrides[np.asarray(rows, np.int64)]
+        self.overrides = self.overrides[rows]
         if self.per_env:
             self.params = self.params[index]
-        self.generators = [self.generators[i] for i in np.asarray(rows).tolist()]
+        self.generators = [self.generators[i] for i in rows.tolist()]
 
     def _normal(self, dim: int) -> torch.Tensor:
         """N(0, 1) draws (B, dim), row i from environment i's own generator."""
@@ -182,6 +195,10 @@ class Committee:
         for member in self.members:
             member.reset(batch_size, seeds)
 
+    def add(self, seeds: list[int]) -> None:
+        for member in self.members:
+            member.add(seeds)
+
     def keep(self, rows: np.ndarray | list[int]) -> None:
         for member in self.members:
             member.keep(rows)
@@ -224,23 +241,3 @@ def followers(run_dir: str | Path, cfg: Config, members: list[tuple[np.ndarray, 
     quiet = from_dict({"controller": {"shield": 0.0}}, base=cfg)
     return [Agent.from_run(run_dir, quiet, params, device=device, m_path=m_path) for params, m_path in members]
 
-
-class NoisyAgentPolicy:
-    """One real environment played by an :class:`Agent` whose actions get Gaussian noise.
-
-    The collection policy of ``iterate``: the paper's "current controller plus exploration
-    noise".  Same ``reset(rng)`` / ``act(obs)`` protocol as agents/policies.py.
-    """
-
-    def __init__(self, agent: Agent, noise: float, action_space):
-        self.agent, self.noise = agent, noise
-        self.low, self.high = action_space.low, action_space.high
-
-    def reset(self, rng: np.random.Generator) -> None:
-        self.rng = rng
-        self.agent.reset(1, [int(rng.integers(2**31))])
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        action = self.agent.act(obs[None])[0]
-        action = action + self.noise * self.rng.standard_normal(action.shape)
-        return np.clip(action, self.low, self.high).astype(np.float32)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shutil
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
 
+import envs
 from agents.agent import Agent
 from agents.cmaes import (
     STATE_FILE,
@@ -17,6 +19,7 @@ from agents.cmaes import (
     m_snapshot_path,
     restart_search,
 )
+from agents.collect import run_agent_episodes
 from agents.controller import load_controller
 from agents.iterate import _collector_check, iterate, iteration_run
 from agents.pipeline import dream
@@ -99,6 +102,42 @@ def test_agent_episodes_are_played_by_the_controller(iterated):
     agent.reset(1)
     replayed = np.concatenate([agent.act(frame[None]) for frame in held_random["obs"]])
     assert not np.allclose(replayed, held_random["action"], atol=1e-5)  # the check can fail
+
+
+class _EndsBySeed(gymnasium.Wrapper):
+    """A real game whose episode with seed s ends after 3 + s % 11 steps: lengths that differ."""
+
+    def reset(self, *, seed=None, options=None):
+        self.left = 3 + seed % 11
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.left -= 1
+        return obs, reward, terminated or self.left == 0, truncated, info
+
+
+def test_the_agent_collects_in_lockstep_as_it_plays_each_episode_alone(iterated):
+    """Three games at a time, each refilled as its episode ends, play every seed's episode (noise
+    included) as a game of its own does: the rows of V, M and the noise stay with their episodes."""
+    run, _, before = iterated
+    centre = np.asarray(load_state(before / STATE_FILE)["es"].mean, np.float32)
+    agent = Agent.from_run(before, run.cfg, centre)
+    seeds = [20, 5, 31, 9, 14, 2, 27]
+    games = [_EndsBySeed(envs.make_from_config(run.cfg.env)) for _ in range(3)]
+    try:
+        together = {k: (episode, seconds) for k, episode, seconds in run_agent_episodes(games, agent, 0.3, seeds, 60)}
+        alone = {k: next(run_agent_episodes(games[:1], agent, 0.3, [s], 60))[1] for k, s in enumerate(seeds)}
+    finally:
+        for game in games:
+            game.close()
+    assert sorted(together) == list(range(len(seeds)))
+    for k, s in enumerate(seeds):
+        episode, seconds = together[k]
+        assert len(episode["action"]) == 3 + s % 11 and seconds > 0
+        np.testing.assert_array_equal(episode["obs"], alone[k]["obs"])
+        np.testing.assert_allclose(episode["action"], alone[k]["action"], atol=1e-5)
+        np.testing.assert_array_equal(episode["terminated"], alone[k]["terminated"])
 
 
 def test_each_collector_is_a_check_scored_by_its_episodes(iterated):
