@@ -195,10 +195,6 @@ class Committee:
         for member in self.members:
             member.reset(batch_size, seeds)
 
-    def add(self, seeds: list[int]) -> None:
-        for member in self.members:
-            member.add(seeds)
-
     def keep(self, rows: np.ndarray | list[int]) -> None:
         for member in self.members:
             member.keep(rows)

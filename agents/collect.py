@@ -156,10 +156,10 @@ def collect_episode(task: dict) -> list[dict]:
     collect_cfg = CollectConfig(**task["collect"])
     env = _worker_env(env_cfg.name, env_cfg.frame_skip, env_cfg.max_steps)
     policy = make_policy(collect_cfg, env.action_space)
+    (wanted,) = task["episodes"]
     start = time.perf_counter()
-    (todo,) = task["episodes"]
-    episode = run_episode(env, policy, todo["seed"], collect_cfg.max_steps)
-    return [_saved(todo["path"], episode, todo["seed"], time.perf_counter() - start)]
+    episode = run_episode(env, policy, wanted["seed"], collect_cfg.max_steps)
+    return [_saved(wanted["path"], episode, wanted["seed"], time.perf_counter() - start)]
 
 
 def collect_agent_episodes(task: dict) -> list[dict]:
