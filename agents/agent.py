@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from agents.controller import ControllerSpec, act_batched, add_action_noise, load_committee, load_controller
-from agents.shield import shield_actions
+from agents.shield import CriticAverage, shield_actions
 from worldmodel.config import Config, from_dict
 from worldmodel.errors import UserError
 from worldmodel.m import State, WorldModel
@@ -76,14 +76,18 @@ class Agent:
         spec = ControllerSpec.for_config(cfg, m)
         critic = None
         if cfg.controller.shield > 0:  # the critic that goes with M: the run's, or the one kept beside M's snapshot
-            from agents.cmaes import m_snapshot_path
+            from agents.cmaes import weights_fingerprint
 
-            run, k = Run(run_dir, cfg), cfg.model.ensemble
-            path = run.member_path(k) if m_path is None else m_snapshot_path(run, Path(m_path).stem, k)
-            if not path.exists():
-                raise UserError(f"{path}: not found; controller.shield needs the hazard critic "
+            run = Run(run_dir, cfg)
+            own_id = (Path(m_path).stem if m_path is not None
+                      else weights_fingerprint(m) if cfg.controller.shield_critics > 1 else "")
+            own = run.member_path(cfg.model.ensemble) if m_path is None else run.m_snapshot_path(own_id, cfg.model.ensemble)
+            if not own.exists():
+                raise UserError(f"{own}: not found; controller.shield needs the hazard critic "
                                 "(model.hazard_horizon; `python run.py train-rnn` trains it)")
-            critic = load_m(path, cfg, z_dim=cfg.vae.z_dim, device=device)
+            critics = [load_m(path, cfg, z_dim=cfg.vae.z_dim, device=device)
+                       for path in shield_critic_paths(run, own_id, own)]
+            critic = critics[0] if len(critics) == 1 else CriticAverage(critics)
         if params is None:
             path = run_dir / "controller.pt"
             if not path.exists():
@@ -168,6 +172,25 @@ class Agent:
         if self.real_noise > 0:
             actions = add_action_noise(self.spec, actions, self.real_noise, self._normal(actions.shape[1]))
         return actions.cpu().numpy()
+
+
+def shield_critic_paths(run: Run, own_id: str, own: Path) -> list[Path]:
+    """The critics the shield averages (``controller.shield_critics`` = K): ``own`` (the critic
+    trained beside the agent's M, fingerprint ``own_id``), then those kept beside the run's latest
+    other M's in ``m_history/`` (newest first), up to K in all."""
+    count = run.cfg.controller.shield_critics
+    paths = [own]
+    if count == 1:
+        return paths
+    ids = run.m_snapshot_ids()
+    if not ids and any(run.dir.glob("m_history/*.pt")):
+        raise UserError(f"{run.m_history_index}: not found; controller.shield_critics: {count} needs the order "
+                        "of the run's M's, which runs write since it was added (or set controller.shield_critics: 1)")
+    for m_id in reversed(ids):
+        path = run.m_snapshot_path(m_id, run.cfg.model.ensemble)
+        if len(paths) < count and m_id != own_id and path.exists():
+            paths.append(path)
+    return paths
 
 
 class Committee:

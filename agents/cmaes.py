@@ -113,13 +113,16 @@ def current_m_id(run: Run) -> str:
 def keep_m_snapshot(run: Run, m_id: str) -> None:
     """Copy the run's M files (every member of an ensemble) to ``m_history/`` (once), so that
     ``select`` can later play a controller checked with this M after ``iterate`` has trained M on.
-    The first member's copy is written last: its presence means the snapshot is whole."""
-    if m_snapshot_path(run, m_id).exists() or not run.m_path.exists():
+    The first member's copy is written last: its presence means the snapshot is whole.  Then
+    ``m_history/index.json`` records it as the newest (the order ``controller.shield_critics`` reads)."""
+    if not run.m_path.exists():
         return
-    m_snapshot_path(run, m_id).parent.mkdir(exist_ok=True)
-    for k in reversed(range(run.m_files)):
-        with atomic_path(m_snapshot_path(run, m_id, k)) as tmp:
-            shutil.copyfile(run.member_path(k), tmp)
+    if not m_snapshot_path(run, m_id).exists():
+        m_snapshot_path(run, m_id).parent.mkdir(exist_ok=True)
+        for k in reversed(range(run.m_files)):
+            with atomic_path(m_snapshot_path(run, m_id, k)) as tmp:
+                shutil.copyfile(run.member_path(k), tmp)
+    run.record_m_snapshot(m_id)
 
 
 def generation_seed(seed: int, generation: int) -> int:

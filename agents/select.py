@@ -62,6 +62,7 @@ def _cache_key(run: Run, seed: int) -> str:
     acting = f", real z {ctl.real_z}" + (f", action noise {ctl.action_noise:g}" if ctl.action_noise else "")
     acting += f", real-game noise {ctl.real_noise:g}" if ctl.real_noise else ""
     acting += f", shield {ctl.shield:g}" if ctl.shield else ""
+    acting += f" over {ctl.shield_critics} critics" if ctl.shield and ctl.shield_critics > 1 else ""
     if run.cfg.env.name == "carracing" and ctl.brake != LEGACY_BRAKE:  # so caches from before the key still hold
         acting += f", brake {ctl.brake}"
     return f"{run.cfg.cmaes.select_episodes} episodes from seed {seed}{acting}"

@@ -8,6 +8,13 @@ H steps", ``model.hazard_horizon``) rates a_t and TakeCover's three holds from i
 The real game's agent (agents/agent.py) shields with the critic it keeps beside M; with
 ``cmaes.dream_shield`` the dream does the same with the ensemble's critic (worldmodel/ensemble.py),
 so that C is evolved with the shield it will play with.
+
+With ``controller.shield_critics`` = K > 1 the real game's P_H is the mean over K critics
+(:class:`CriticAverage`): the agent's own and those trained beside the run's latest other M's
+(``iterate`` retrains the critic with M, so each iteration leaves one; ``m_history/index.json``
+orders them).  One critic's P_H is noisy where its data is thin, and an override on noise costs a
+move C chose well; critics trained on different data disagree on such noise and agree on a
+fireball in flight (docs/results.md, "Averaged critics").
 """
 
 from __future__ import annotations
@@ -36,3 +43,34 @@ def shield_actions(critic: WorldModel, state: State, z: torch.Tensor, actions: t
     safest, best = p[:, 1:].min(dim=1)
     replaced = p[:, 0] - safest > margin
     return torch.where(replaced[:, None], holds[best][:, None], actions), replaced
+
+
+class CriticAverage:
+    """Several hazard critics as one for the shield: P_H is their mean.  Its state is the critics'
+    states one after another (a flat tuple, so an agent can index, cut and extend it as one)."""
+
+    def __init__(self, critics: list[WorldModel]):
+        if not critics:
+            raise ValueError("CriticAverage needs at least one critic")
+        self.critics = list(critics)
+        self._widths = [len(c.initial_state(1)) for c in self.critics]
+
+    def _split(self, state: State) -> list[State]:
+        parts, start = [], 0
+        for width in self._widths:
+            parts.append(tuple(state[start:start + width]))
+            start += width
+        return parts
+
+    def initial_state(self, batch_size: int) -> State:
+        return tuple(s for c in self.critics for s in c.initial_state(batch_size))
+
+    def observe(self, state: State, z: torch.Tensor, action: torch.Tensor) -> State:
+        return tuple(s for c, part in zip(self.critics, self._split(state)) for s in c.observe(part, z, action))
+
+    def judge_step(self, state: State, z: torch.Tensor, action: torch.Tensor
+                   ) -> tuple[State, torch.Tensor, torch.Tensor]:
+        """As :meth:`WorldModel.judge_step`: the critics' next states, their mean reward and mean P_H."""
+        judged = [c.judge_step(part, z, action) for c, part in zip(self.critics, self._split(state))]
+        return (tuple(s for next_state, _, _ in judged for s in next_state),
+                torch.stack([r for _, r, _ in judged]).mean(0), torch.stack([p for _, _, p in judged]).mean(0))

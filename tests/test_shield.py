@@ -15,9 +15,10 @@ from test_dream import FakeM
 from test_train_m import A, _run
 from test_train_m import Z as M_Z
 
-from agents.agent import Agent
+from agents.agent import Agent, shield_critic_paths
 from agents.cmaes import m_snapshot_path
 from agents.controller import ControllerSpec, save_controller
+from agents.shield import CriticAverage
 from agents.select import _cache_key
 from worldmodel.errors import UserError
 from worldmodel.io import save_checkpoint
@@ -185,3 +186,77 @@ def test_the_critic_script_trains_a_critic_of_another_horizon_beside_the_agent(t
     again = subprocess.run([*script, "--horizon", "4"], capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 1 and "model.hazard_horizon is 3, not --horizon 4" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+class ConstantHazard(ActionHazard):
+    """A critic that rates right at ``right`` and the other moves as ActionHazard does; its state
+    counts the steps it observed."""
+
+    def __init__(self, right: float):
+        super().__init__()
+        self.right = right
+
+    def initial_state(self, batch_size):
+        return (torch.zeros(batch_size, 1),)
+
+    def judge_step(self, state, z, action):
+        next_state, r, p = super().judge_step(state, z, action)
+        return next_state, r, torch.where(action[:, 0] > 1 / 3, torch.tensor(self.right), p)
+
+    def observe(self, state, z, action):
+        super().observe(state, z, action)
+        return (state[0] + 1,)
+
+
+@pytest.mark.parametrize("rights, replaced", [((0.5, 0.1), True), ((0.3, 0.1), False)])
+def test_averaged_critics_shield_on_their_mean_hazard(rights, replaced):
+    # Left is rated 0.1 by both: C's right is replaced where the critics' mean P for it (0.3 or
+    # 0.2) is above 0.1 by more than the margin 0.15, though the first critic alone would say so both times.
+    critics = [ConstantHazard(r) for r in rights]
+    agent, m, _ = _agent(0.15, critic=CriticAverage(critics))
+    actions = agent.act(FRAMES)
+    assert np.allclose(actions, -1.0 if replaced else np.tanh(5.0), atol=1e-3)
+    assert agent.overrides.tolist() == ([1, 1] if replaced else [0, 0])
+    assert all(torch.allclose(c.observed[-1], m.observed[-1]) for c in critics)  # each observes the move played
+    # The state is each critic's in turn, and cut, extended and carried as one.
+    agent.keep([1])
+    agent.add([7])
+    assert [s.flatten().tolist() for s in agent.critic_state] == [[1.0, 0.0], [1.0, 0.0]]
+    agent.act(FRAMES)
+    assert [s.flatten().tolist() for s in agent.critic_state] == [[2.0, 1.0], [2.0, 1.0]]
+
+
+def test_the_shield_averages_its_own_critic_and_the_latest_others(tmp_path):
+    run = _run(tmp_path, overrides=["model.epochs=1", "model.hazard_horizon=4", "controller.shield=0.1",
+                                    "env.name=takecover", "controller.shield_critics=3"])
+    train_m(run)
+    save_checkpoint(run.vae_path, {"z_dim": run.cfg.vae.z_dim, "state_dict": ConvVAE(run.cfg.vae.z_dim).state_dict()})
+    spec = ControllerSpec.for_config(run.cfg, load_m(run.m_path, run.cfg))
+    params = np.zeros(spec.num_params, np.float32)
+    assert not isinstance(Agent.from_run(run.dir, run.cfg, params).critic, CriticAverage)  # no other M yet
+    for m_id in ("a1", "b2", "c3"):  # three earlier M's, oldest first, with copies of the critic
+        m_snapshot_path(run, m_id).parent.mkdir(exist_ok=True)
+        shutil.copyfile(run.m_path, m_snapshot_path(run, m_id))
+        shutil.copyfile(run.member_path(1), m_snapshot_path(run, m_id, 1))
+    with pytest.raises(UserError, match="index.json: not found; controller.shield_critics: 3 needs the order"):
+        Agent.from_run(run.dir, run.cfg, params)
+    for m_id in ("a1", "b2", "c3"):
+        run.record_m_snapshot(m_id)
+    run.record_m_snapshot("b2")  # once only
+    assert run.m_snapshot_ids() == ["a1", "b2", "c3"]
+    own = run.member_path(1)
+    assert shield_critic_paths(run, "none", own) == [own, m_snapshot_path(run, "c3", 1), m_snapshot_path(run, "b2", 1)]
+    # An agent with c3's M: its own critic, then the latest others (b2, a1).
+    assert shield_critic_paths(run, "c3", m_snapshot_path(run, "c3", 1)) == [
+        m_snapshot_path(run, m_id, 1) for m_id in ("c3", "b2", "a1")]
+    agent = Agent.from_run(run.dir, run.cfg, params, m_path=m_snapshot_path(run, "c3"))
+    assert isinstance(agent.critic, CriticAverage) and len(agent.critic.critics) == 3
+    assert "shield 0.1 over 3 critics" in _cache_key(run, 0)
+    run.m_history_index.write_text('{"a": 1}')
+    with pytest.raises(UserError, match="index.json: not a list of M fingerprints"):
+        Agent.from_run(run.dir, run.cfg, params)
+
+
+def test_averaged_critics_need_the_shield(tmp_path):
+    with pytest.raises(UserError, match="controller.shield_critics: 2 needs the shield"):
+        _run(tmp_path, overrides=["controller.shield_critics=2"])

@@ -145,6 +145,11 @@ class ControllerConfig:
                            "takes that hold instead; 0 = off.  A play-time setting like real_noise: checks, select, "
                            "evaluate (its videos too) and iterate's collection play it; the dream only with "
                            "cmaes.dream_shield")
+    shield_critics: int = _f(1, low=1,
+                             doc="how many hazard critics the real game's shield averages P_H over: the agent's own "
+                                 "(the one trained beside its M) and those of the run's latest other M's "
+                                 "(m_history/index.json, newest first), as many as there are up to this; 1 = its own "
+                                 "alone.  A play-time setting like shield (agents/shield.py, CriticAverage)")
     committee: int = _f(1, low=1,
                         doc="the agent in evaluate: the best this many of select's controllers played together, "
                             "each with the M it was checked with, every step the median of their actions "
@@ -410,6 +415,9 @@ def validate(cfg: Config) -> None:
     if cfg.cmaes.dream_shield and not cfg.controller.shield > 0:
         raise UserError("config cmaes.dream_shield: true needs the shield's margin (controller.shield > 0, is "
                         f"{cfg.controller.shield})")
+    if cfg.controller.shield_critics > 1 and not cfg.controller.shield > 0:
+        raise UserError(f"config controller.shield_critics: {cfg.controller.shield_critics} needs the shield "
+                        f"(controller.shield > 0, is {cfg.controller.shield})")
     if cfg.controller.shield > 0 and not (cfg.model.hazard_horizon and cfg.env.name == "takecover"):
         raise UserError(f"config controller.shield: {cfg.controller.shield} needs TakeCover (env.name is "
                         f"{cfg.env.name}) and a hazard critic (model.hazard_horizon > 0, is {cfg.model.hazard_horizon})")

@@ -17,7 +17,7 @@ import torch
 from worldmodel import config as config_lib
 from worldmodel.episodes import episode_index, list_episodes
 from worldmodel.errors import UserError
-from worldmodel.io import load_checkpoint, save_checkpoint, write_text
+from worldmodel.io import load_checkpoint, save_checkpoint, write_json, write_text
 from worldmodel.runs import Run
 
 
@@ -80,6 +80,15 @@ def export_run(run: Run, out: str | Path, episodes: int = 2) -> dict:
             target.parent.mkdir(exist_ok=True)
             save_checkpoint(target, _half(load_checkpoint(run.m_snapshot_path(m_id))))
         shutil.copyfile(run.committee_path, out / run.committee_path.name)
+    if run.cfg.controller.shield > 0 and run.cfg.controller.shield_critics > 1:  # the shield's other critics
+        from agents.agent import shield_critic_paths
+        from agents.cmaes import current_m_id
+
+        others = shield_critic_paths(run, current_m_id(run), run.member_path(run.cfg.model.ensemble))[1:]
+        for path in others:
+            save_checkpoint(out / path.relative_to(run.dir), _half(load_checkpoint(path)))
+        if others:  # oldest first, as the run's; the copy's own M has another fingerprint (float16)
+            write_json(out / "m_history" / "index.json", [p.name.split(".")[0] for p in reversed(others)])
     for path in latents:
         shutil.copyfile(path, out / "latents" / path.name)
         episode = run.episodes_dir / path.name

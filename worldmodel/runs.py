@@ -19,6 +19,7 @@ Running a command again on the same folder continues it.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from typing import Any
 from worldmodel import config as config_lib
 from worldmodel.config import Config
 from worldmodel.errors import UserError
-from worldmodel.io import write_text
+from worldmodel.io import write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,30 @@ class Run:
         """Where the M with fingerprint ``m_id`` is kept (agents/cmaes.py, ``keep_m_snapshot``):
         ``m_history/<m_id>.pt``; an ensemble's other members beside it (``<m_id>.m1.pt`` ...)."""
         return self.dir / "m_history" / (f"{m_id}.pt" if member == 0 else f"{m_id}.m{member}.pt")
+
+    @property
+    def m_history_index(self) -> Path:
+        """The fingerprints of the M's snapshotted in ``m_history/``, oldest first (``keep_m_snapshot``)."""
+        return self.dir / "m_history" / "index.json"
+
+    def m_snapshot_ids(self) -> list[str]:
+        """``m_history/index.json``'s fingerprints, oldest first; [] where there is none."""
+        path = self.m_history_index
+        if not path.exists():
+            return []
+        try:
+            ids = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not readable as JSON ({e})") from None
+        if not (isinstance(ids, list) and all(isinstance(i, str) and i.isalnum() for i in ids)):
+            raise UserError(f"{path}: not a list of M fingerprints")
+        return ids
+
+    def record_m_snapshot(self, m_id: str) -> None:
+        """Add ``m_id`` to ``m_history/index.json`` as the newest (once)."""
+        ids = self.m_snapshot_ids()
+        if m_id not in ids:
+            write_json(self.m_history_index, [*ids, m_id])
 
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
