@@ -18,10 +18,10 @@ from test_train_m import Z as M_Z
 from agents.agent import Agent, shield_critic_paths
 from agents.cmaes import m_snapshot_path
 from agents.controller import ControllerSpec, save_controller
-from agents.shield import CriticAverage
 from agents.select import _cache_key
+from agents.shield import CriticAverage
 from worldmodel.errors import UserError
-from worldmodel.io import save_checkpoint
+from worldmodel.io import load_checkpoint, save_checkpoint
 from worldmodel.train_m import load_m, train_m
 from worldmodel.vae import ConvVAE
 
@@ -260,3 +260,32 @@ def test_the_shield_averages_its_own_critic_and_the_latest_others(tmp_path):
 def test_averaged_critics_need_the_shield(tmp_path):
     with pytest.raises(UserError, match="controller.shield_critics: 2 needs the shield"):
         _run(tmp_path, overrides=["controller.shield_critics=2"])
+
+
+def test_snapshots_are_indexed_and_export_carries_the_other_critics(tmp_path):
+    from agents.cmaes import keep_m_snapshot, weights_fingerprint
+    from worldmodel.export import export_run
+
+    run = _run(tmp_path, overrides=["model.epochs=1", "model.hazard_horizon=4", "controller.shield=0.1",
+                                    "env.name=takecover", "controller.shield_critics=2"])
+    train_m(run)
+    save_checkpoint(run.vae_path, {"z_dim": run.cfg.vae.z_dim, "state_dict": ConvVAE(run.cfg.vae.z_dim).state_dict()})
+    spec = ControllerSpec.for_config(run.cfg, load_m(run.m_path, run.cfg))
+    run.controller_path.write_bytes(b"controller")  # export copies it as it is
+    first = weights_fingerprint(load_m(run.m_path, run.cfg))
+    keep_m_snapshot(run, first)
+    for k in range(run.m_files):  # the next iteration's M's, as iterate trains them
+        checkpoint = load_checkpoint(run.member_path(k))
+        checkpoint["state_dict"] = {name: w + 0.01 for name, w in checkpoint["state_dict"].items()}
+        save_checkpoint(run.member_path(k), checkpoint)
+    second = weights_fingerprint(load_m(run.m_path, run.cfg))
+    keep_m_snapshot(run, second)
+    keep_m_snapshot(run, first)  # kept already: the order stands
+    assert first != second and run.m_snapshot_ids() == [first, second]
+    out = tmp_path / "agent"
+    export_run(run, out, episodes=1)
+    assert sorted(p.name for p in (out / "m_history").iterdir()) == sorted(["index.json", f"{first}.m1.pt"])
+    copied = torch.load(out / "m_history" / f"{first}.m1.pt", weights_only=True)["state_dict"]
+    assert next(iter(copied.values())).dtype == torch.float16
+    critic = Agent.from_run(out, run.cfg, np.zeros(spec.num_params, np.float32)).critic
+    assert isinstance(critic, CriticAverage) and len(critic.critics) == 2
