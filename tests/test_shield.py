@@ -226,13 +226,18 @@ def test_averaged_critics_shield_on_their_mean_hazard(rights, replaced):
     assert [s.flatten().tolist() for s in agent.critic_state] == [[2.0, 1.0], [2.0, 1.0]]
 
 
-def test_the_shield_averages_its_own_critic_and_the_latest_others(tmp_path):
+def _shielded_run(tmp_path, critics: int):
+    """A TakeCover run with trained M's (one member and the critic), a V, and a zero controller's params."""
     run = _run(tmp_path, overrides=["model.epochs=1", "model.hazard_horizon=4", "controller.shield=0.1",
-                                    "env.name=takecover", "controller.shield_critics=3"])
+                                    "env.name=takecover", f"controller.shield_critics={critics}"])
     train_m(run)
     save_checkpoint(run.vae_path, {"z_dim": run.cfg.vae.z_dim, "state_dict": ConvVAE(run.cfg.vae.z_dim).state_dict()})
     spec = ControllerSpec.for_config(run.cfg, load_m(run.m_path, run.cfg))
-    params = np.zeros(spec.num_params, np.float32)
+    return run, np.zeros(spec.num_params, np.float32)
+
+
+def test_the_shield_averages_its_own_critic_and_the_latest_others(tmp_path):
+    run, params = _shielded_run(tmp_path, critics=3)
     assert not isinstance(Agent.from_run(run.dir, run.cfg, params).critic, CriticAverage)  # no other M yet
     for m_id in ("a1", "b2", "c3"):  # three earlier M's, oldest first, with copies of the critic
         m_snapshot_path(run, m_id).parent.mkdir(exist_ok=True)
@@ -266,11 +271,7 @@ def test_snapshots_are_indexed_and_export_carries_the_other_critics(tmp_path):
     from agents.cmaes import keep_m_snapshot, weights_fingerprint
     from worldmodel.export import export_run
 
-    run = _run(tmp_path, overrides=["model.epochs=1", "model.hazard_horizon=4", "controller.shield=0.1",
-                                    "env.name=takecover", "controller.shield_critics=2"])
-    train_m(run)
-    save_checkpoint(run.vae_path, {"z_dim": run.cfg.vae.z_dim, "state_dict": ConvVAE(run.cfg.vae.z_dim).state_dict()})
-    spec = ControllerSpec.for_config(run.cfg, load_m(run.m_path, run.cfg))
+    run, params = _shielded_run(tmp_path, critics=2)
     run.controller_path.write_bytes(b"controller")  # export copies it as it is
     first = weights_fingerprint(load_m(run.m_path, run.cfg))
     keep_m_snapshot(run, first)
@@ -287,5 +288,5 @@ def test_snapshots_are_indexed_and_export_carries_the_other_critics(tmp_path):
     assert sorted(p.name for p in (out / "m_history").iterdir()) == sorted(["index.json", f"{first}.m1.pt"])
     copied = torch.load(out / "m_history" / f"{first}.m1.pt", weights_only=True)["state_dict"]
     assert next(iter(copied.values())).dtype == torch.float16
-    critic = Agent.from_run(out, run.cfg, np.zeros(spec.num_params, np.float32)).critic
+    critic = Agent.from_run(out, run.cfg, params).critic
     assert isinstance(critic, CriticAverage) and len(critic.critics) == 2
