@@ -430,3 +430,37 @@ def test_windows_with_a_carried_state_make_one_sequence(clock):
     torch.testing.assert_close((first["done"] * n_first + second["done"] * n_second) / steps, whole["done"])
     fresh, _ = m(full["z"][:, 4:], full["action"][:, 4:])  # not what a zero state predicts
     assert not torch.allclose(fresh["done_logit"], p_second["done_logit"])
+
+
+@pytest.mark.parametrize("segment,dropout", [(16, 0.0), (2, 0.0), (3, 0.2)])
+def test_loss_gradients_match_the_model_on_every_row_masked(segment, dropout):
+    """The loss runs the LSTM in segments over the rows not yet padding, and the heads on the
+    real steps only; its gradients are those of the whole B x T batch with the padding masked."""
+    batch = _batch()
+    fast = _model(dropout=dropout)
+    fast.segment = segment
+    torch.manual_seed(5)  # the same dropout masks
+    fast.loss(batch)["loss"].backward()
+    full = _model(dropout=dropout)
+    torch.manual_seed(5)
+    p, _ = full(batch["z"], batch["action"])
+    mask = batch["mask"]
+    z_mask = (mask[:, :-1] & mask[:, 1:]).float()
+    logp = full.z_log_prob({k: v[:, :-1] for k, v in p.items()}, batch["z"][:, 1:])
+    valid = mask.float()
+    bce = F.binary_cross_entropy_with_logits(p["done_logit"], batch["terminated"].float(),
+                                             pos_weight=torch.tensor(4.0), reduction="none")
+    loss = ((-logp / Z * z_mask).sum() / z_mask.sum()
+            + (((p["reward"] - batch["reward"]) ** 2) * valid).sum() / valid.sum()
+            + (bce * valid).sum() / valid.sum())
+    loss.backward()
+    for (name, a), (_, b) in zip(fast.named_parameters(), full.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_loss_of_windows_with_no_real_step_is_zero():
+    m, batch = _model(), _batch()
+    batch["mask"][:] = False
+    terms = m.loss(batch)
+    for key in ("loss", "z_nll", "reward", "done"):
+        assert terms[key].item() == 0.0

@@ -136,6 +136,11 @@ def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.mm(x.to(w.dtype), w).to(x.dtype)
 
 
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x``; 0 when it is empty (as :func:`masked_mean` with nothing unmasked)."""
+    return x.sum() / max(x.numel(), 1)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over the True entries of ``mask`` (same shape); 0 when none are."""
     mask = mask.to(x.dtype)
@@ -193,6 +198,7 @@ class MDNRNN(WorldModel):
         self._step_cache = _StepCache()
         self.dream_dtype: torch.dtype | None = None  # see set_dream_precision
         self.autocast_training = True  # train_m may run loss() under bfloat16 autocast
+        self.segment = 16  # loss(): the LSTM's steps per segment over the rows not yet padding
 
     @classmethod
     def from_config(cls, cfg: Config, z_dim: int, action_dim: int) -> MDNRNN:
@@ -237,6 +243,20 @@ class MDNRNN(WorldModel):
         Returns the heads at every step (``logits`` etc. (B, T, Z, K); ``reward``,
         ``done_logit`` (B, T)) predicting step t+1 from step t, and the final state.
         """
+        out, final = self._hidden_states(z, action, state, step)
+        return self.heads(out), final
+
+    def _hidden_states(self, z: torch.Tensor, action: torch.Tensor, state: State | None,
+                       step: torch.Tensor | None,
+                       lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, State | None]:
+        """The LSTM's pass of :meth:`forward`: h_{t+1} at every step (B, T, H), and the final state.
+
+        ``lengths`` (B,): each row's real steps, when only those matter (training from a zero
+        state). The LSTM then runs in segments of :attr:`segment` steps, each over the rows
+        still going (a window's padding is about a third of a batch): the outputs at the real
+        steps are the same, those past a row's length are zeros, and there is no final state
+        (None).
+        """
         if state is None:
             state = self.initial_state(z.shape[0])
         h0, c0 = (s.unsqueeze(0).contiguous() for s in state[:2])
@@ -249,13 +269,34 @@ class MDNRNN(WorldModel):
                 step = state[2] + torch.arange(z.shape[1], device=z.device, dtype=state[2].dtype)
             inputs.append((step.to(z.dtype) / self.clock).unsqueeze(-1))
         x = torch.cat(inputs, dim=-1)
+        params = {}
         if dropping:
             w_hh = self.lstm.weight_hh_l0
             units = (torch.rand_like(w_hh[:1]) < keep).to(w_hh.dtype) / keep  # (1, H): columns of W_hh
-            out, (h, c) = torch.func.functional_call(self.lstm, {"weight_hh_l0": w_hh * units}, (x, (h0, c0)))
-        else:
-            out, (h, c) = self.lstm(x, (h0, c0))
-        return self.heads(out), self._next((h[0], c[0]), state, z.shape[1])
+            params = {"weight_hh_l0": w_hh * units}
+
+        def lstm(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+            if params:
+                return torch.func.functional_call(self.lstm, params, (x, (h, c)))
+            return self.lstm(x, (h, c))
+
+        b, t = x.shape[:2]
+        if lengths is None or t <= self.segment or int(lengths.max()) == 0:
+            out, (h, c) = lstm(x, h0, c0)
+            return out, self._next((h[0], c[0]), state, t)
+        order = torch.argsort(lengths, descending=True, stable=True)  # the rows still going: a prefix
+        x, left = x[order], lengths[order]
+        h, c = h0[:, order], c0[:, order]
+        pieces = []
+        for start in range(0, t, self.segment):
+            n = int((left > start).sum())
+            if n == 0:
+                pieces.append(pieces[0].new_zeros(b, t - start, pieces[0].shape[-1]))
+                break
+            out, (h, c) = lstm(x[:n, start:start + self.segment], h[:, :n], c[:, :n])
+            pieces.append(F.pad(out, (0, 0, 0, 0, 0, b - n)))
+        out = torch.cat(pieces, dim=1)[torch.argsort(order)]
+        return out, None
 
     # ------------------------------------------------------------- the M interface
 
@@ -463,7 +504,7 @@ class MDNRNN(WorldModel):
         return nxt, h, c
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.loss_and_state(batch)[0]
+        return self._losses(batch, None, skip_padding=True)[0]
 
     def loss_and_state(self, batch: dict[str, torch.Tensor],
                        state: State | None = None) -> tuple[dict[str, torch.Tensor], State]:
@@ -478,19 +519,34 @@ class MDNRNN(WorldModel):
         ``state``: where the windows begin (None: zeros), for training with a carried state
         (``model.carry_state``); returns the terms and the state after the windows.
         """
-        p, final = self(batch["z"], batch["action"], state, step=batch.get("step"))
-        mask = batch["mask"]
-        z_mask = mask[:, :-1] & mask[:, 1:]
-        z_logp = self.z_log_prob({k: v[:, :-1] for k, v in p.items()}, batch["z"][:, 1:])
-        z_nll = masked_mean(-z_logp / self.z_dim, z_mask)
+        return self._losses(batch, state, skip_padding=False)
+
+    def _losses(self, batch: dict[str, torch.Tensor], state: State | None,
+                skip_padding: bool) -> tuple[dict[str, torch.Tensor], State | None]:
+        """:meth:`loss_and_state`; ``skip_padding``: the LSTM skips the padding too (no final
+        state then: None), as :meth:`loss` does for training from zeros."""
+        z, mask = batch["z"], batch["mask"]
+        lengths = None
+        if skip_padding:  # windows are real up to their length, padding after it (make_batch)
+            lengths = mask.sum(dim=1)
+            if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]):
+                lengths = None
+        out, final = self._hidden_states(z, batch["action"], state, batch.get("step"), lengths)
+        # The heads run on the real steps only (a window's padding is about a third of the
+        # batch): the same losses as masking all B x T rows, in less time.
+        has_next = torch.zeros_like(mask)
+        has_next[:, :-1] = mask[:, :-1] & mask[:, 1:]  # z_{t+1} is in the window too
+        p = self.heads(out[mask])  # (N, ...), N real steps
+        with_next = has_next[mask]
+        z_logp = self.z_log_prob({k: v[with_next] for k, v in p.items()}, z[:, 1:][has_next[:, :-1]])
+        z_nll = _mean(-z_logp / self.z_dim)
         if self.predict_reward:
-            reward = masked_mean((p["reward"] - batch["reward"]) ** 2, mask)
+            reward = _mean((p["reward"] - batch["reward"][mask]) ** 2)
         else:
             reward = z_nll.new_zeros(())
-        done_bce = F.binary_cross_entropy_with_logits(
-            p["done_logit"], batch["terminated"].to(z_nll.dtype), pos_weight=self.done_pos_weight,
-            reduction="none")
-        done = masked_mean(done_bce, mask)
+        done = _mean(F.binary_cross_entropy_with_logits(
+            p["done_logit"], batch["terminated"][mask].to(z_nll.dtype), pos_weight=self.done_pos_weight,
+            reduction="none"))
         loss = z_nll + self.reward_weight * reward + self.done_weight * done
         return {"loss": loss, "z_nll": z_nll, "reward": reward, "done": done}, final
 
