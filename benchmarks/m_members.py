@@ -43,17 +43,20 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "takecover-cpu.yaml"
 
 
-def synthetic_latents(folder: Path, episodes: int, steps: int, z_dim: int, seed: int = 0) -> None:
-    """Episodes of random z and held actions, each ending in a death."""
+def synthetic_latents(folder: Path, episodes: int, steps: int | np.ndarray, z_dim: int, seed: int = 0) -> None:
+    """Episodes of random z and held actions, each ending in a death; ``steps`` long, or
+    ``steps[i]`` for episode i."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
+    lengths = np.broadcast_to(steps, (episodes,))
     for i in range(episodes):
-        done = np.zeros(steps, dtype=bool)
+        n = int(lengths[i])
+        done = np.zeros(n, dtype=bool)
         done[-1] = True
-        np.savez(folder / f"ep_{i:06d}.npz", mu=rng.standard_normal((steps, z_dim)).astype(np.float32),
-                 logvar=np.full((steps, z_dim), -2.0, np.float32),
-                 action=np.repeat(rng.uniform(-1, 1, (steps // 8 + 1, 1)), 8, axis=0)[:steps].astype(np.float32),
-                 reward=np.ones(steps, np.float32), done=done, terminated=done.copy())
+        np.savez(folder / f"ep_{i:06d}.npz", mu=rng.standard_normal((n, z_dim)).astype(np.float32),
+                 logvar=np.full((n, z_dim), -2.0, np.float32),
+                 action=np.repeat(rng.uniform(-1, 1, (n // 8 + 1, 1)), 8, axis=0)[:n].astype(np.float32),
+                 reward=np.ones(n, np.float32), done=done, terminated=done.copy())
 
 
 def prepare(folder: Path, config: Path, overrides: list[str], source: Path | None, episodes: int,

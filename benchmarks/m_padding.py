@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from m_members import PRESET  # this folder's neighbour (run as a script)
+from m_members import PRESET, synthetic_latents  # this folder's neighbour (run as a script)
 
 from worldmodel import config as config_lib
 from worldmodel.latents import list_latents, load_latents, windows
@@ -56,20 +56,6 @@ def all_rows_loss(m: MDNRNN, batch: dict[str, torch.Tensor], state=None):
     return {"loss": loss, "z_nll": z_nll, "reward": reward, "done": done}, final
 
 
-def synthetic_latents(folder: Path, episodes: int, z_dim: int, mean_steps: int, seed: int = 0) -> None:
-    """Episodes of random z and held actions whose lengths scatter like TakeCover's random play."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    for i in range(episodes):
-        steps = 20 + int(rng.geometric(1.0 / (mean_steps - 20)))
-        done = np.zeros(steps, dtype=bool)
-        done[-1] = True
-        np.savez(folder / f"ep_{i:06d}.npz", mu=rng.standard_normal((steps, z_dim)).astype(np.float32),
-                 logvar=np.full((steps, z_dim), -2.0, np.float32),
-                 action=np.repeat(rng.uniform(-1, 1, (steps // 8 + 1, 1)), 8, axis=0)[:steps].astype(np.float32),
-                 reward=np.ones(steps, np.float32), done=done, terminated=done.copy())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a run whose latents/ to train on (default: synthetic)")
@@ -89,7 +75,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "latents"
         if args.run is None:
-            synthetic_latents(folder, args.episodes, cfg.vae.z_dim, args.mean_steps)
+            # lengths that scatter like TakeCover's random play: at least 20 steps, geometric after
+            lengths = 20 + np.random.default_rng(0).geometric(1.0 / (args.mean_steps - 20), args.episodes)
+            synthetic_latents(folder, args.episodes, lengths, cfg.vae.z_dim)
         else:
             folder.mkdir()
             for path in list_latents(args.run / "latents")[: args.episodes]:
