@@ -37,7 +37,8 @@ from m_members import PRESET, synthetic_latents  # this folder's neighbour (run 
 from worldmodel import config as config_lib
 from worldmodel.latents import list_latents, load_latents, windows
 from worldmodel.m import build_m
-from worldmodel.mdnrnn import MDNRNN, masked_mean
+from worldmodel.mdnrnn import MDNRNN
+from worldmodel.mixture import masked_mean
 from worldmodel.torch_utils import available_cores
 from worldmodel.train_m import _pass, _precision
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import linear_world_batch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from worldmodel.mdnrnn import MDNRNN, joint_log_prob, mdn_log_prob, mdn_sample
+from worldmodel.mdnrnn import MDNRNN
+from worldmodel.mixture import joint_log_prob, mdn_log_prob, mdn_sample
 
 Z, A, H, K = 5, 3, 16, 3
 

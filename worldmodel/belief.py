@@ -29,7 +29,7 @@ sample in turn.  It does not roll the core open loop, because:
 
 The core's K-step predictions thus shape the belief during training and measure M in
 validation (``z_nll_K``); the dream uses the first of them.  Noise is the MDN-RNN's
-(:func:`worldmodel.mdnrnn.mixture_noise`), so common random numbers work as there.
+(:func:`worldmodel.mixture.mixture_noise`), so common random numbers work as there.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worldmodel.m import State, WorldModel, controller_features, hidden_parts
-from worldmodel.mdnrnn import (
+from worldmodel.mixture import (
     LOG_SIGMA_MAX,
     LOG_SIGMA_MIN,
     masked_mean,
@@ -171,7 +171,7 @@ class BeliefModel(WorldModel):
         return controller_features(z, b_h, b_c, mode)
 
     def sample_noise(self, batch_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
-        """(Gumbel (B, K, Z), ε (B, Z)) on M's device; see :func:`worldmodel.mdnrnn.mixture_noise`."""
+        """(Gumbel (B, K, Z), ε (B, Z)) on M's device; see :func:`worldmodel.mixture.mixture_noise`."""
         return mixture_noise((batch_size,), self.z_dim, self.mixtures, generator, self.head.weight.device)
 
     def observe(self, state: State, z: torch.Tensor, action: torch.Tensor) -> State:

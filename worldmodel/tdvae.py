@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worldmodel.m import State, WorldModel, controller_features, hidden_parts
-from worldmodel.mdnrnn import LOG_SIGMA_MAX, LOG_SIGMA_MIN, masked_mean
+from worldmodel.mixture import LOG_SIGMA_MAX, LOG_SIGMA_MIN, masked_mean
 from worldmodel.torch_utils import rand
 
 if TYPE_CHECKING:
