@@ -81,6 +81,10 @@ def _run_command(run, args: argparse.Namespace) -> None:
 
     progress = not args.quiet
     print(f"run {run.dir} ({args.command})")
+    if args.command in TRAINS and args.command != "collect":
+        from worldmodel.torch_utils import describe_compute
+
+        print(describe_compute(run.cfg.system.device, run.cfg.system.precision))
     if args.command == "collect":
         from agents.collect import collect
 

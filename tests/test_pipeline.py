@@ -66,6 +66,7 @@ def test_pipeline_runs_every_stage_and_prints_both_scores(first):
     log, run_dir = first["log"], first["dir"]
     positions = [log.index(f"== {stage}\n") for stage in STAGES]
     assert positions == sorted(positions)
+    assert log.index("\ncompute: ") < positions[0]  # what V, M and the dream run on, before any stage
     assert len(list((run_dir / "episodes").glob("ep_*.npz"))) == 4 + 2  # collect.episodes + iterate.episodes
     assert len(list((run_dir / "latents").glob("ep_*.npz"))) == 4 + 2
     assert [r["generation"] for r in first["metrics"]["dream"]] == [1, 2, 3]  # + iterate.generations

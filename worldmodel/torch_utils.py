@@ -58,6 +58,28 @@ def resolve_precision(name: str, device: torch.device | str) -> torch.dtype | No
     return torch.bfloat16 if kind == "cpu" and cpu_has_native_bf16() else None
 
 
+def describe_compute(device_name: str, precision_name: str) -> str:
+    """One line on what V, M and the dream will run on, for the training commands' header.
+
+    On a CPU where ``auto`` falls back to float32, it says so and what that costs, so that a
+    user on such a machine knows why the preset takes hours rather than minutes.
+    """
+    device = resolve_device(device_name)
+    precision = resolve_precision(precision_name, device)
+    where = f"{device.type}, {available_cores()} cores" if device.type == "cpu" else str(device)
+    if precision is not None:
+        line = f"compute: {where}, bfloat16 matrix products (system.precision: {precision_name})"
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            line += ("; this CPU has neither AMX nor AVX-512 BF16, so they are emulated and far slower than "
+                     "float32 (docs/benchmarks.md, \"On a CPU without AVX-512\"): set it to auto")
+        return line
+    line = f"compute: {where}, float32 (system.precision: {precision_name})"
+    if device.type == "cpu" and precision_name == "auto":
+        line += ("; this CPU has neither AMX nor AVX-512 BF16, so V, M and the dream take about 3.5-4 times as "
+                 "long as on one that has (docs/results.md, \"Run z3a0\")")
+    return line
+
+
 def autocast(device: torch.device, precision: torch.dtype | None):
     """The training forward pass's context: autocast to ``precision`` (from
     :func:`resolve_precision`), or a no-op for float32 (None)."""
