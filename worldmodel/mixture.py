@@ -1,9 +1,10 @@
 """Mixtures of Gaussians over z: their log-likelihood and their sampling at temperature τ.
 
-Every M that predicts z_{t+1} as a mixture (the MDN-RNN, the belief-state model, the TD-VAE)
-scores and samples it here, so that their dreams draw the same random numbers: a standard
-Gumbel per component (the component is the argmax of logits / τ + Gumbel) and a standard
-normal ε per dimension of z (:func:`mixture_noise`).
+The M's that predict z_{t+1} as a mixture (the MDN-RNN and the belief-state model) score and
+sample it here, so that their dreams draw the same random numbers: a standard Gumbel per
+component (the component is the argmax of logits / τ + Gumbel) and a standard normal ε per
+dimension of z (:func:`mixture_noise`).  The TD-VAE (one Gaussian) takes only the bounds on
+log σ and :func:`masked_mean`, the masked average every M's losses use.
 """
 
 from __future__ import annotations

@@ -67,16 +67,17 @@ def describe_compute(device_name: str, precision_name: str) -> str:
     device = resolve_device(device_name)
     precision = resolve_precision(precision_name, device)
     where = f"{device.type}, {available_cores()} cores" if device.type == "cpu" else str(device)
+    no_bf16 = "; this CPU has neither AMX nor AVX-512 BF16, so"
     if precision is not None:
         line = f"compute: {where}, bfloat16 matrix products (system.precision: {precision_name})"
         if device.type == "cpu" and not cpu_has_native_bf16():
-            line += ("; this CPU has neither AMX nor AVX-512 BF16, so they are emulated and far slower than "
-                     "float32 (docs/benchmarks.md, \"On a CPU without AVX-512\"): set it to auto")
+            line += (f"{no_bf16} they are emulated and far slower than float32 (docs/benchmarks.md, "
+                     "\"On a CPU without AVX-512\"): set it to auto")
         return line
     line = f"compute: {where}, float32 (system.precision: {precision_name})"
-    if device.type == "cpu" and precision_name == "auto":
-        line += ("; this CPU has neither AMX nor AVX-512 BF16, so V, M and the dream take about 3.5-4 times as "
-                 "long as on one that has (docs/results.md, \"Run z3a0\")")
+    if device.type == "cpu" and precision_name == "auto":  # auto fell back: the CPU has no bfloat16
+        line += (f"{no_bf16} V, M and the dream take about 3.5-4 times as long as on one that has "
+                 "(docs/results.md, \"Run z3a0\")")
     return line
 
 
