@@ -209,7 +209,7 @@ def restart_search(run: Run, tag: int, best_above: float | None = None) -> bool:
     mean = best["params"] if best is not None and best["real_score"] > best_above else None
     state["es"] = _new_es(state["num_params"], run.cfg.cmaes, restart=tag, mean=mean)
     restarts.append(tag)
-    _save_state(path, state)
+    save_state(path, state)
     return True
 
 
@@ -224,7 +224,7 @@ def add_check(run: Run, check: dict[str, Any]) -> bool:
     if any(check_key(ch) == check["key"] for ch in checks):
         return False
     checks.append(check)
-    _save_state(path, state)
+    save_state(path, state)
     return True
 
 
@@ -233,7 +233,8 @@ def check_key(check: dict[str, Any]) -> str:
     return str(check.get("key", check["generation"]))
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write a CMA-ES state (as :func:`load_state` returns it) to ``path``, atomically."""
     data = dict(state, es=state["es"].pickle_dumps())
     with atomic_path(path) as tmp:
         tmp.write_bytes(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
@@ -339,7 +340,7 @@ def train_controller(run: Run, evaluate_fn: EvaluateFn | None = None, progress: 
             record = _one_generation(state, m, spec, settings, starts, c, evaluate_fn, m_id, midway, n_midway,
                                      pool)
             _save_controllers(run, state, spec, settings)
-            _save_state(state_path, state)
+            save_state(state_path, state)
             append_jsonl(metrics_path, record)
             if record["real_mean"] is not None:
                 plot_run(run, stages=("dream",))

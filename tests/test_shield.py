@@ -290,3 +290,48 @@ def test_snapshots_are_indexed_and_export_carries_the_other_critics(tmp_path):
     assert next(iter(copied.values())).dtype == torch.float16
     critic = Agent.from_run(out, run.cfg, params).critic
     assert isinstance(critic, CriticAverage) and len(critic.critics) == 2
+
+
+def test_first_dream_screen_cuts_a_run_back_to_its_first_dream(tmp_path):
+    """scripts/first_dream_screen.py: the first M as the run's M, only its checks, no iterations;
+    --critics first keeps that M alone for the shield, --critics all every M the run kept."""
+    from agents.cmaes import STATE_FILE, _new_state, keep_m_snapshot, load_state, save_state, weights_fingerprint
+    from worldmodel.runs import open_run
+
+    run, params = _shielded_run(tmp_path, critics=3)
+    save_controller(run.controller_path, params, {})
+    first = weights_fingerprint(load_m(run.m_path, run.cfg))
+    keep_m_snapshot(run, first)
+    first_files = [run.member_path(k).read_bytes() for k in range(run.m_files)]
+    for k in range(run.m_files):  # an iteration's M's
+        checkpoint = load_checkpoint(run.member_path(k))
+        checkpoint["state_dict"] = {name: w + 0.01 for name, w in checkpoint["state_dict"].items()}
+        save_checkpoint(run.member_path(k), checkpoint)
+    second = weights_fingerprint(load_m(run.m_path, run.cfg))
+    keep_m_snapshot(run, second)
+    state = _new_state(params.size, run.cfg.cmaes)
+    state["checks"] = [{"params": params, "generation": 20, "real_score": 1.0, "m": first},
+                       {"params": params, "generation": 40, "real_score": 2.0, "m": second},
+                       {"params": params, "generation": 40, "real_score": 3.0, "m": first, "key": "collector 1"}]
+    save_state(run.path(STATE_FILE), state)
+
+    def screen(out, *flags):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "first_dream_screen.py"), "--run", str(run.dir),
+                               "--out", str(out), "--no-select", *flags], capture_output=True, text=True)
+
+    result = screen(tmp_path / "ni")
+    assert result.returncode == 0, result.stderr
+    cut = open_run(tmp_path / "ni", None, create=False)
+    assert cut.cfg.iterate.iterations == 0 and cut.m_snapshot_ids() == [first]
+    assert [cut.member_path(k).read_bytes() for k in range(run.m_files)] == first_files
+    assert [(ch["generation"], ch["m"]) for ch in load_state(cut.path(STATE_FILE))["checks"]] == [(20, first)]
+    assert not isinstance(Agent.from_run(cut.dir, cut.cfg, params).critic, CriticAverage)  # its one critic
+
+    assert screen(tmp_path / "fd", "--critics", "all").returncode == 0
+    cut = open_run(tmp_path / "fd", None, create=False)
+    assert cut.m_snapshot_ids() == [first, second]
+    assert len(Agent.from_run(cut.dir, cut.cfg, params).critic.critics) == 2  # its own and the iteration's
+
+    again = screen(tmp_path / "fd")
+    assert again.returncode != 0 and again.stderr.strip() == f"error: {tmp_path / 'fd'}: already exists (choose a new --out)"
+    assert cut.m_snapshot_ids() == [first, second]  # nothing overwritten
