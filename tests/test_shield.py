@@ -295,7 +295,14 @@ def test_snapshots_are_indexed_and_export_carries_the_other_critics(tmp_path):
 def test_first_dream_screen_cuts_a_run_back_to_its_first_dream(tmp_path):
     """scripts/first_dream_screen.py: the first M as the run's M, only its checks, no iterations;
     --critics first keeps that M alone for the shield, --critics all every M the run kept."""
-    from agents.cmaes import STATE_FILE, _new_state, keep_m_snapshot, load_state, save_state, weights_fingerprint
+    from agents.cmaes import (
+        STATE_FILE,
+        _new_state,
+        keep_m_snapshot,
+        load_state,
+        save_state,
+        weights_fingerprint,
+    )
     from worldmodel.runs import open_run
 
     run, params = _shielded_run(tmp_path, critics=3)
