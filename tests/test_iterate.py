@@ -13,11 +13,11 @@ import envs
 from agents.agent import Agent
 from agents.cmaes import (
     STATE_FILE,
-    _save_state,
     current_m_id,
     load_state,
     m_snapshot_path,
     restart_search,
+    save_state,
 )
 from agents.collect import run_agent_episodes
 from agents.controller import load_controller
@@ -199,7 +199,7 @@ def test_restart_search_recentres_once_per_tag_and_keeps_the_rest(iterated, tmp_
     assert new["best_dream"]["generation"] == old["best_dream"]["generation"]
     new["es"].tell(new["es"].ask(), list(range(run.cfg.cmaes.population)))  # resumed later: moved on
     moved = new["es"].mean.copy()
-    _save_state(run.path(STATE_FILE), new)
+    save_state(run.path(STATE_FILE), new)
     assert not restart_search(run, 1)  # the same iteration again: nothing thrown away
     np.testing.assert_array_equal(load_state(run.path(STATE_FILE))["es"].mean, moved)
     assert restart_search(run, 2) and load_state(run.path(STATE_FILE))["restarts"] == [1, 2]
@@ -214,7 +214,7 @@ def test_restart_search_from_best_centres_on_the_best_real_check(iterated, tmp_p
     rng = np.random.default_rng(0)
     state["checks"] = [{"generation": g, "real_score": s, "params": rng.normal(size=state["num_params"])}
                        for g, s in ((2, 100.0), (4, 300.0), (6, 200.0))]
-    _save_state(run.path(STATE_FILE), state)
+    save_state(run.path(STATE_FILE), state)
     assert restart_search(run, 1, best_above=250.0)
     new = load_state(run.path(STATE_FILE))
     np.testing.assert_allclose(new["es"].mean, state["checks"][1]["params"])
@@ -223,7 +223,7 @@ def test_restart_search_from_best_centres_on_the_best_real_check(iterated, tmp_p
     assert np.all(load_state(run.path(STATE_FILE))["es"].mean == 0)
     new = load_state(run.path(STATE_FILE))
     new["checks"] = []  # no real check yet: from zero too
-    _save_state(run.path(STATE_FILE), new)
+    save_state(run.path(STATE_FILE), new)
     assert restart_search(run, 3, best_above=float("-inf"))
     assert np.all(load_state(run.path(STATE_FILE))["es"].mean == 0)
 
@@ -241,7 +241,7 @@ def test_iterate_with_restart_starts_the_new_dream_from_zero_or_the_best_check(i
     assert state["checks"]  # the fixture's dream checked in the real game
     best = np.random.default_rng(1).normal(size=state["num_params"]).astype(np.float32)
     state["checks"].append({"generation": state["generation"], "key": "planted", "real_score": 1e9, "params": best})
-    _save_state(more.path(STATE_FILE), state)  # a check far above the random data's return
+    save_state(more.path(STATE_FILE), state)  # a check far above the random data's return
     import agents.pipeline as pipeline
 
     seen = []

@@ -7,12 +7,12 @@ import numpy as np
 from agents.cmaes import (
     STATE_FILE,
     _new_state,
-    _save_state,
     add_check,
     check_key,
     keep_m_snapshot,
     load_state,
     m_snapshot_path,
+    save_state,
 )
 from agents.controller import load_controller, save_controller
 from agents.select import SELECT_SEED_BASE, select_controller
@@ -29,7 +29,7 @@ def _run_with_checks(make_run, check_scores: list[float], overrides=(), ms: list
     state = _new_state(P, run.cfg.cmaes)
     state["checks"] = [{"params": np.full(P, i, np.float32), "generation": 10 * (i + 1), "dream_score": 0.0,
                         "real_score": score, **({"m": ms[i]} if ms else {})} for i, score in enumerate(check_scores)]
-    _save_state(run.path(STATE_FILE), state)
+    save_state(run.path(STATE_FILE), state)
     best = int(np.argmax(check_scores))
     save_controller(run.controller_path, np.full(P, best, np.float32), {"source": "real"})
     return run
