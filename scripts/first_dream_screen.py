@@ -18,7 +18,6 @@ Results: docs/results.md, "The iterations' worth is in their critics".
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -45,21 +44,19 @@ def build(src: Path, out: Path, critics: str) -> list[dict]:
     state["checks"] = [ch for ch in state.get("checks", []) if ch.get("m") == first and "key" not in ch]
     if not state["checks"]:
         raise UserError(f"{run.path(STATE_FILE)}: no real check was played with the first M ({first})")
-    keep = ids if critics == "all" else [first]
     out.mkdir(parents=True)
-    (out / "m_history").mkdir()
     for name in ("episodes", "latents"):
         if (src / name).is_dir():
             shutil.copytree(src / name, out / name, copy_function=os.link)
-    for m_id in keep:
-        for member in range(run.m_files):
-            path = run.m_snapshot_path(m_id, member)
-            os.link(path, out / "m_history" / path.name)
-    (out / "m_history" / run.m_history_index.name).write_text(json.dumps(keep))
     for name in ["vae.pt", "controller.pt", "config.yaml"] + ([SELECT_FILE] if critics == "all" else []):
         if (src / name).exists():
             shutil.copyfile(src / name, out / name)
     cut = open_run(out, None, overrides=["iterate.iterations=0"])
+    cut.m_history_index.parent.mkdir()
+    for m_id in ids if critics == "all" else [first]:
+        for member in range(run.m_files):
+            os.link(run.m_snapshot_path(m_id, member), cut.m_snapshot_path(m_id, member))
+        cut.record_m_snapshot(m_id)
     for member in range(run.m_files):
         shutil.copyfile(run.m_snapshot_path(first, member), cut.member_path(member))
     save_state(cut.path(STATE_FILE), state)
