@@ -76,17 +76,8 @@ class Agent:
         spec = ControllerSpec.for_config(cfg, m)
         critic = None
         if cfg.controller.shield > 0:  # the critic that goes with M: the run's, or the one kept beside M's snapshot
-            from agents.cmaes import weights_fingerprint
-
-            run = Run(run_dir, cfg)
-            own_id = (Path(m_path).stem if m_path is not None
-                      else weights_fingerprint(m) if cfg.controller.shield_critics > 1 else "")
-            own = run.member_path(cfg.model.ensemble) if m_path is None else run.m_snapshot_path(own_id, cfg.model.ensemble)
-            if not own.exists():
-                raise UserError(f"{own}: not found; controller.shield needs the hazard critic "
-                                "(model.hazard_horizon; `python run.py train-rnn` trains it)")
             critics = [load_m(path, cfg, z_dim=cfg.vae.z_dim, device=device)
-                       for path in shield_critic_paths(run, own_id, own)]
+                       for path in agent_critic_paths(Run(run_dir, cfg), m_path)]
             critic = critics[0] if len(critics) == 1 else CriticAverage(critics)
         if params is None:
             path = run_dir / "controller.pt"
@@ -172,6 +163,29 @@ class Agent:
         if self.real_noise > 0:
             actions = add_action_noise(self.spec, actions, self.real_noise, self._normal(actions.shape[1]))
         return actions.cpu().numpy()
+
+
+def agent_critic_paths(run: Run, m_path: str | Path | None = None) -> list[Path]:
+    """The critics that shield an agent playing with the run's M (``m_path`` None) or with the M
+    kept in ``m_path`` (a snapshot in ``m_history/``): its own, then the run's latest others.
+
+    An M's id is the fingerprint of all its files (:func:`agents.cmaes.current_m_id`, the name of
+    its snapshot), so that the run's own M is not counted again among "the others"; ``select``
+    (``m_path`` given) and ``evaluate`` (``m_path`` None, after ``select`` put the pick's M back)
+    then average the same critics."""
+    from agents.cmaes import current_m_id
+
+    critic = run.cfg.model.ensemble
+    if m_path is not None:
+        own_id = Path(m_path).stem
+        own = run.m_snapshot_path(own_id, critic)
+    else:
+        own_id = current_m_id(run) if run.cfg.controller.shield_critics > 1 else ""
+        own = run.member_path(critic)
+    if not own.exists():
+        raise UserError(f"{own}: not found; controller.shield needs the hazard critic "
+                        "(model.hazard_horizon; `python run.py train-rnn` trains it)")
+    return shield_critic_paths(run, own_id, own)
 
 
 def shield_critic_paths(run: Run, own_id: str, own: Path) -> list[Path]:

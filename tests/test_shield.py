@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import ROOT
 from test_dream import FakeM
-from test_train_m import A, _run
+from test_train_m import A, _run, _write_latents
 from test_train_m import Z as M_Z
 
-from agents.agent import Agent, shield_critic_paths
+from agents.agent import Agent, agent_critic_paths, shield_critic_paths
 from agents.cmaes import m_snapshot_path
 from agents.controller import ControllerSpec, save_controller
 from agents.select import _cache_key
@@ -229,7 +229,8 @@ def test_averaged_critics_shield_on_their_mean_hazard(rights, replaced):
 def _shielded_run(tmp_path, critics: int):
     """A TakeCover run with trained M's (one member and the critic), a V, and a zero controller's params."""
     run = _run(tmp_path, overrides=["model.epochs=1", "model.hazard_horizon=4", "controller.shield=0.1",
-                                    "env.name=takecover", f"controller.shield_critics={critics}"])
+                                    "env.name=takecover", f"controller.shield_critics={critics}"], latents=False)
+    _write_latents(run.latents_dir, action_dim=1)  # TakeCover's one action
     train_m(run)
     save_checkpoint(run.vae_path, {"z_dim": run.cfg.vae.z_dim, "state_dict": ConvVAE(run.cfg.vae.z_dim).state_dict()})
     spec = ControllerSpec.for_config(run.cfg, load_m(run.m_path, run.cfg))
@@ -267,22 +268,30 @@ def test_averaged_critics_need_the_shield(tmp_path):
         _run(tmp_path, overrides=["controller.shield_critics=2"])
 
 
+def _next_iteration(run):
+    """Change every M file, as an iteration's training does."""
+    for k in range(run.m_files):
+        checkpoint = load_checkpoint(run.member_path(k))
+        checkpoint["state_dict"] = {name: w + 0.01 for name, w in checkpoint["state_dict"].items()}
+        save_checkpoint(run.member_path(k), checkpoint)
+
+
 def test_snapshots_are_indexed_and_export_carries_the_other_critics(tmp_path):
-    from agents.cmaes import keep_m_snapshot, weights_fingerprint
+    from agents.cmaes import current_m_id, keep_m_snapshot
     from worldmodel.export import export_run
 
     run, params = _shielded_run(tmp_path, critics=2)
     run.controller_path.write_bytes(b"controller")  # export copies it as it is
-    first = weights_fingerprint(load_m(run.m_path, run.cfg))
+    first = current_m_id(run)  # the ids iterate gives its snapshots: all the M files' fingerprint
     keep_m_snapshot(run, first)
-    for k in range(run.m_files):  # the next iteration's M's, as iterate trains them
-        checkpoint = load_checkpoint(run.member_path(k))
-        checkpoint["state_dict"] = {name: w + 0.01 for name, w in checkpoint["state_dict"].items()}
-        save_checkpoint(run.member_path(k), checkpoint)
-    second = weights_fingerprint(load_m(run.m_path, run.cfg))
+    _next_iteration(run)
+    second = current_m_id(run)
     keep_m_snapshot(run, second)
     keep_m_snapshot(run, first)  # kept already: the order stands
     assert first != second and run.m_snapshot_ids() == [first, second]
+    # The run's M is the newest snapshot: it is not one of "the others" (it once was, twice over).
+    assert agent_critic_paths(run) == [run.member_path(1), run.m_snapshot_path(first, 1)]
+    assert agent_critic_paths(run)[1:] == agent_critic_paths(run, run.m_snapshot_path(second))[1:]  # as select
     out = tmp_path / "agent"
     export_run(run, out, episodes=1)
     assert sorted(p.name for p in (out / "m_history").iterdir()) == sorted(["index.json", f"{first}.m1.pt"])
@@ -298,23 +307,20 @@ def test_first_dream_screen_cuts_a_run_back_to_its_first_dream(tmp_path):
     from agents.cmaes import (
         STATE_FILE,
         _new_state,
+        current_m_id,
         keep_m_snapshot,
         load_state,
         save_state,
-        weights_fingerprint,
     )
     from worldmodel.runs import open_run
 
     run, params = _shielded_run(tmp_path, critics=3)
     save_controller(run.controller_path, params, {})
-    first = weights_fingerprint(load_m(run.m_path, run.cfg))
+    first = current_m_id(run)
     keep_m_snapshot(run, first)
     first_files = [run.member_path(k).read_bytes() for k in range(run.m_files)]
-    for k in range(run.m_files):  # an iteration's M's
-        checkpoint = load_checkpoint(run.member_path(k))
-        checkpoint["state_dict"] = {name: w + 0.01 for name, w in checkpoint["state_dict"].items()}
-        save_checkpoint(run.member_path(k), checkpoint)
-    second = weights_fingerprint(load_m(run.m_path, run.cfg))
+    _next_iteration(run)
+    second = current_m_id(run)
     keep_m_snapshot(run, second)
     state = _new_state(params.size, run.cfg.cmaes)
     state["checks"] = [{"params": params, "generation": 20, "real_score": 1.0, "m": first},

@@ -31,7 +31,7 @@ Z, A = 8, 3
 LENGTHS = (40, 25, 60, 33, 50, 18)
 
 
-def _write_latents(folder: Path, lengths=LENGTHS, z_dim: int = Z, seed: int = 0) -> None:
+def _write_latents(folder: Path, lengths=LENGTHS, z_dim: int = Z, seed: int = 0, action_dim: int = A) -> None:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i, n in enumerate(lengths):
@@ -42,7 +42,7 @@ def _write_latents(folder: Path, lengths=LENGTHS, z_dim: int = Z, seed: int = 0)
             folder / f"ep_{i:06d}.npz",
             mu=rng.standard_normal((n, z_dim)).astype(np.float32),
             logvar=np.full((n, z_dim), -2.0, dtype=np.float32),
-            action=rng.uniform(-1, 1, (n, A)).astype(np.float32),
+            action=rng.uniform(-1, 1, (n, action_dim)).astype(np.float32),
             reward=np.ones(n, dtype=np.float32),
             done=done,
             terminated=terminated,

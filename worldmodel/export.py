@@ -81,12 +81,9 @@ def export_run(run: Run, out: str | Path, episodes: int = 2) -> dict:
             save_checkpoint(target, _half(load_checkpoint(run.m_snapshot_path(m_id))))
         shutil.copyfile(run.committee_path, out / run.committee_path.name)
     if run.cfg.controller.shield > 0 and run.cfg.controller.shield_critics > 1:  # the shield's other critics
-        from agents.agent import shield_critic_paths
-        from agents.cmaes import weights_fingerprint
-        from worldmodel.train_m import load_m
+        from agents.agent import agent_critic_paths
 
-        own_id = weights_fingerprint(load_m(run.m_path, run.cfg))
-        others = shield_critic_paths(run, own_id, run.member_path(run.cfg.model.ensemble))[1:]
+        others = agent_critic_paths(run)[1:]
         for path in others:
             save_checkpoint(out / path.relative_to(run.dir), _half(load_checkpoint(path)))
         if others:  # oldest first, as the run's; the copy's own M has another fingerprint (float16)
