@@ -263,6 +263,51 @@ def test_resume_trains_only_new_epochs(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_kill_inside_an_epoch_resumes_at_its_last_checkpoint(tmp_path, monkeypatch):
+    """vae.checkpoint_every_s: a rerun goes on from the batch the checkpoint reached, with the
+    same batches after it as an unbroken epoch: the same weights and the same epoch record."""
+    import worldmodel.train_vae as tv
+
+    overrides = ("vae.checkpoint_every_s=0",)  # a checkpoint after every batch
+    run = make_run(tmp_path, overrides=overrides)
+    calls = {"n": 0}
+
+    def dies_at_the_fourth_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return vae_loss(*args, **kwargs)
+
+    monkeypatch.setattr(tv, "vae_loss", dies_at_the_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(run, progress=False)
+    ckpt = load_checkpoint(checkpoint_path(run))
+    assert ckpt["epoch"] == 0 and ckpt["partial"]["epoch"] == 1 and ckpt["partial"]["batches"] == 3
+    assert ckpt["partial"]["seen"] == 24 and not run.vae_path.exists()
+
+    counted = {"n": 0}
+
+    def counts(*args, **kwargs):
+        counted["n"] += 1
+        return vae_loss(*args, **kwargs)
+
+    monkeypatch.setattr(tv, "vae_loss", counts)
+    summary = train_vae(run, progress=False)
+    batches = -(-summary["train_frames"] // 8)
+    val_batches = -(-summary["val_frames"] // 8)
+    assert counted["n"] == batches - 3 + val_batches  # the three batches done are not trained again
+    assert "partial" not in load_checkpoint(checkpoint_path(run))
+
+    monkeypatch.setattr(tv, "vae_loss", vae_loss)
+    straight = make_run(tmp_path / "straight", overrides=overrides)
+    train_vae(straight, progress=False)
+    resumed, unbroken = load_vae(run.vae_path, Z), load_vae(straight.vae_path, Z)
+    for (name, a), b in zip(resumed.state_dict().items(), unbroken.state_dict().values()):
+        assert torch.equal(a, b), name
+    (record,), (same,) = read_jsonl(run.metrics_path("vae")), read_jsonl(straight.metrics_path("vae"))
+    assert record["train_loss"] == pytest.approx(same["train_loss"], rel=1e-6) and record["epoch"] == 1
+
+
 def test_colour_balance_changes_what_v_learns(tmp_path):
     plain = make_run(tmp_path / "plain", episodes=2, steps=8)
     balanced = make_run(tmp_path / "balanced", episodes=2, steps=8, overrides=("vae.colour_balance=0.5",))

@@ -67,6 +67,8 @@ class VAEConfig:
     max_frames: Optional[int] = _f(None, low=1, doc="train on at most this many frames")
     seed: int = _f(0, low=0)
     threads: Optional[int] = _f(None, low=1, doc="torch threads while training V; null = every core")
+    checkpoint_every_s: float = _f(300.0, low=0.0, doc="also checkpoint this often inside an epoch (seconds; "
+                                                      "0 = after every batch): a kill loses at most this much")
 
 
 @dataclass

@@ -3,8 +3,11 @@
 ``python run.py train-vae`` calls :func:`train_vae`.  What it leaves in the run folder:
 
 - ``vae_ckpt.pt``  after each epoch: model, optimizer, epoch, torch and numpy RNG
-  state.  A rerun resumes from it; with every epoch done (and ``vae.pt`` saved), the
-  frames are not even loaded: only episodes without latents are encoded.
+  state; and every ``vae.checkpoint_every_s`` inside an epoch, with where the epoch
+  stands (its batches done, the numpy RNG state it began with, its running loss sums).
+  A rerun resumes from it, mid-epoch too, with the same batches as an unbroken run;
+  with every epoch done (and ``vae.pt`` saved), the frames are not even loaded: only
+  episodes without latents are encoded.
 - ``vae.pt``       the final weights (:func:`worldmodel.vae.save_vae`).
 - ``metrics/vae.jsonl``  one record per epoch: train_* and val_* recon / recon_raw /
   kl / kl_raw / loss (recon is weighted by colour when ``vae.colour_balance`` > 0;
@@ -107,10 +110,11 @@ def split_frames(frames: FrameSet, cfg: VAEConfig) -> tuple[np.ndarray, np.ndarr
     return train, val
 
 
-def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Random minibatches of ``indices``; each sorted, so the memory map is read front to back."""
+def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator, skip: int = 0) -> Iterator[np.ndarray]:
+    """Random minibatches of ``indices``, after the first ``skip``; each sorted, so the memory map is
+    read front to back."""
     order = rng.permutation(indices)
-    for start in range(0, len(order), batch_size):
+    for start in range(skip * batch_size, len(order), batch_size):
         yield np.sort(order[start:start + batch_size])
 
 
@@ -119,20 +123,33 @@ def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> 
 def _train_epoch(vae: ConvVAE, opt: torch.optim.Optimizer, frames: FrameSet, train: np.ndarray,
                  cfg: VAEConfig, rng: np.random.Generator, device: torch.device,
                  epoch: int, progress: bool = True, precision: torch.dtype | None = None,
-                 weights: torch.Tensor | None = None) -> dict[str, float]:
+                 weights: torch.Tensor | None = None, partial: dict | None = None,
+                 checkpoint: Callable[[dict], None] | None = None) -> dict[str, float]:
     """One pass over ``train`` in random minibatches; returns the mean loss terms and img/s.
 
     precision: bfloat16 runs the forward pass under autocast (``system.precision``); the
     loss, the gradients' accumulation and Adam stay float32.  weights: the colour-balance
-    table (:func:`worldmodel.vae.colour_weights`) or None.
+    table (:func:`worldmodel.vae.colour_weights`) or None.  partial: where a checkpoint left
+    this epoch (:func:`_partial`), to go on from; checkpoint(partial) is called every
+    ``cfg.checkpoint_every_s`` with where it stands now.
     """
     vae.train()
-    sums = {k: torch.zeros((), device=device) for k in TERMS}
-    seen, last_postfix = 0, 0.0
-    start = time.perf_counter()
-    with tqdm(total=len(train), unit="img", desc=f"vae epoch {epoch}/{cfg.epochs}",
+    if partial is None:
+        partial = {"epoch": epoch, "batches": 0, "seen": 0, "seconds": 0.0, "train_frames": len(train),
+                   "numpy_rng": rng.bit_generator.state, "sums": {k: 0.0 for k in TERMS}}
+    else:  # the permutation the epoch began with, then on past the batches done
+        rng.bit_generator.state = partial["numpy_rng"]
+    sums = {k: torch.tensor(float(partial["sums"][k]), device=device) for k in TERMS}
+    seen, batches, last_postfix = int(partial["seen"]), int(partial["batches"]), 0.0
+    start = last_checkpoint = time.perf_counter()
+
+    def where() -> dict:
+        return {**partial, "batches": batches, "seen": seen, "sums": {k: v.item() for k, v in sums.items()},
+                "seconds": float(partial["seconds"]) + time.perf_counter() - start}
+
+    with tqdm(total=len(train), initial=seen, unit="img", desc=f"vae epoch {epoch}/{cfg.epochs}",
               disable=not progress) as bar:
-        for idx in _batches(train, cfg.batch_size, rng):
+        for idx in _batches(train, cfg.batch_size, rng, skip=batches):
             raw = frames.frames[idx]
             x = preprocess(raw, device)
             with autocast(device, precision):
@@ -145,11 +162,16 @@ def _train_epoch(vae: ConvVAE, opt: torch.optim.Optimizer, frames: FrameSet, tra
             for k in TERMS:
                 sums[k] += terms[k].detach() * len(idx)
             seen += len(idx)
+            batches += 1
             bar.update(len(idx))
-            if time.perf_counter() - last_postfix > POSTFIX_EVERY_S:
-                last_postfix = time.perf_counter()
+            now = time.perf_counter()
+            if now - last_postfix > POSTFIX_EVERY_S:
+                last_postfix = now
                 bar.set_postfix(recon=f"{terms['recon'].item():.1f}", kl=f"{terms['kl_raw'].item():.2f}")
-    elapsed = time.perf_counter() - start
+            if checkpoint is not None and now - last_checkpoint >= cfg.checkpoint_every_s and seen < len(train):
+                checkpoint(where())
+                last_checkpoint = time.perf_counter()
+    elapsed = where()["seconds"]
     out = {k: v.item() / max(seen, 1) for k, v in sums.items()}
     out["img_per_s"] = seen / elapsed if elapsed > 0 else 0.0
     return out
@@ -195,7 +217,8 @@ def _grid_frames(frames: FrameSet, val: np.ndarray, train: np.ndarray) -> np.nda
 # ----------------------------------------------------------------- checkpoint and metrics
 
 def _save_state(path: Path, vae: ConvVAE, opt: torch.optim.Optimizer, epoch: int,
-                rng: np.random.Generator) -> None:
+                rng: np.random.Generator, partial: dict | None = None) -> None:
+    """``epoch``: the last finished epoch; ``partial``: how far the next one got (None at an epoch's end)."""
     save_checkpoint(path, {
         "epoch": epoch,
         "model": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
@@ -203,12 +226,27 @@ def _save_state(path: Path, vae: ConvVAE, opt: torch.optim.Optimizer, epoch: int
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy_rng": rng.bit_generator.state,
+        **({"partial": partial} if partial is not None else {}),
     })
+
+
+def _partial(path: Path) -> dict | None:
+    """Where the checkpoint at ``path`` left an unfinished epoch (None: at an epoch's end, or none)."""
+    if not path.exists():
+        return None
+    partial = load_checkpoint(path).get("partial")
+    needed = {"epoch", "batches", "seen", "seconds", "numpy_rng", "sums"}
+    if partial is not None and not (isinstance(partial, dict) and needed <= set(partial)
+                                    and set(TERMS) <= set(partial["sums"])):
+        raise UserError(f"{path}: its unfinished epoch's record lacks {', '.join(sorted(needed))}; "
+                        "delete it to restart")
+    return partial
 
 
 def _resume(path: Path, vae: ConvVAE, opt: torch.optim.Optimizer, rng: np.random.Generator,
             lr: float) -> int:
-    """Load the training state saved at ``path``; returns the last finished epoch (0 when none)."""
+    """Load the training state saved at ``path``; returns the last finished epoch (0 when none).
+    An unfinished epoch's place is :func:`_partial`'s."""
     if not path.exists():
         return 0
     ckpt = load_checkpoint(path)
@@ -386,14 +424,28 @@ def _train_vae(run: Run, skip_bad: bool, progress: bool) -> dict:
     writer = _tensorboard(run) if done < cfg.epochs else None
     grid = _grid_frames(frames, val, train)
     weights = balance_table(frames, train, cfg, device) if done < cfg.epochs else None
+    partial = _partial(ckpt_path) if done < cfg.epochs else None
+    if partial is not None and (partial["epoch"] != done + 1 or partial.get("train_frames") != len(train)):
+        print(f"{ckpt_path}: its unfinished epoch had other training frames ({partial.get('train_frames')}, "
+              f"now {len(train)}): epoch {done + 1} starts over from the checkpoint's weights", flush=True)
+        partial = None
+    if partial is not None:
+        print(f"resuming V training from {ckpt_path}: epoch {partial['epoch']} at "
+              f"{partial['seen']}/{len(train)} frames", flush=True)
+
+    def checkpoint(where: dict) -> None:
+        _save_state(ckpt_path, vae, opt, where["epoch"] - 1, rng, where)
+
     trained = 0
     for epoch in range(done + 1, cfg.epochs + 1):
         start = time.perf_counter()
+        before = partial["seconds"] if partial is not None else 0.0
         train_terms = _train_epoch(vae, opt, frames, train, cfg, rng, device, epoch, progress, precision,
-                                   weights)
+                                   weights, partial, checkpoint)
+        partial = None
         val_terms = _evaluate(vae, frames, val, cfg, device, weights)
         record = _epoch_record(epoch, train_terms, val_terms, len(train), len(val),
-                               time.perf_counter() - start)
+                               before + time.perf_counter() - start)
         save_recon_grid(vae, grid, run.dir / "plots" / f"vae_recon_epoch{epoch}.png", device)
         _append(metrics_path, record, writer)  # before the checkpoint: a rerun trims an orphan line
         _save_state(ckpt_path, vae, opt, epoch, rng)
