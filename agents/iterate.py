@@ -22,6 +22,14 @@ agent alive).  Iterating closes that gap.  Iteration i (1 … ``iterate.iteratio
    (the real game picks where the search starts; the controller is still trained only in dreams),
    when it beats the mean return of the ``collect`` stage's episodes (else from 0).
 
+With ``iterate.search: false`` an iteration is a **critic-only iteration**: it collects (1) and
+encodes (2) as above with the first dream's agent, then trains only the hazard critic
+(``model.hazard_horizon``) ``iterate.m_epochs`` more epochs on all the data, and keeps the
+run's M files with that critic in ``m_history/``.  No dream, no new search, the dream's M's
+stay: what the iterations add is critics trained on the agent's own play, which the shield
+averages (``controller.shield_critics``) around the agent's own (docs/results.md, "The
+iterations' worth is in their critics" and "Critic-only iterations").
+
 Every count is cumulative: iteration i asks for ``collect.episodes + i × iterate.episodes``
 episodes, ``model.epochs + i × iterate.m_epochs`` M epochs, and so on.  So each step
 is the ordinary resumable stage with a larger target, and rerunning ``iterate`` after
@@ -44,6 +52,7 @@ import numpy as np
 from agents.cmaes import (
     STATE_FILE,
     add_check,
+    best_check,
     current_m_id,
     keep_m_snapshot,
     load_state,
@@ -138,7 +147,7 @@ def iterate(run: Run, workers: int | None = None, backend: str | None = None, sk
             progress: bool = True) -> dict[str, Any]:
     """Run the iterations ``iterate.iterations`` asks for; skip those already recorded."""
     from agents.pipeline import dream
-    from worldmodel.train_m import train_m
+    from worldmodel.train_m import train_m, train_member
     from worldmodel.train_vae import train_vae
 
     it = run.cfg.iterate
@@ -168,6 +177,22 @@ def iterate(run: Run, workers: int | None = None, backend: str | None = None, sk
         # With no V epochs to add, this only encodes the new episodes (frames read from their files).
         train_vae(cur, skip_bad=skip_bad, progress=progress)
         seconds["encode"] = time.perf_counter() - start
+
+        if not it.search:
+            start = time.perf_counter()
+            critic = train_member(cur, cur.cfg.model.ensemble, skip_bad=skip_bad)
+            keep_m_snapshot(run, current_m_id(run))  # the new critic joins those the shield averages
+            seconds["train_critic"] = time.perf_counter() - start
+            record = {"iteration": i, "search": False, "episodes": cur.cfg.collect.episodes,
+                      "collected_by": {"generation": generation, "noise": it.noise},
+                      "collect_return": collected["mean_return"], "critic_val_loss": critic.get("val/loss"),
+                      "generation": generation, "centre_dream": None, "real_mean": None, "real_std": None,
+                      **_best_check(run), "seconds": seconds, "time": time.time()}
+            append_jsonl(metrics, record)
+            records.append(record)
+            print(f"   iteration {i}: noisy agent collected {collected['mean_return']:.1f}; "
+                  f"critic trained to epoch {critic.get('epoch')}", flush=True)
+            continue
 
         start = time.perf_counter()
         m_summary = train_m(cur, skip_bad=skip_bad) if it.m_epochs > 0 else {}
@@ -208,6 +233,13 @@ def iterate(run: Run, workers: int | None = None, backend: str | None = None, sk
             "last_dream": last["centre_dream"], "last_real": last["real_mean"],
             "best_real_score": last["best_real_score"], "best_real_generation": last["best_real_generation"],
             "controller_path": str(run.controller_path)}
+
+
+def _best_check(run: Run) -> dict[str, Any]:
+    """The best real check of the search so far (a critic-only iteration adds none)."""
+    best = best_check([ch for ch in load_state(run.path(STATE_FILE)).get("checks", []) if "key" not in ch])
+    return {"best_real_score": None if best is None else float(best["real_score"]),
+            "best_real_generation": None if best is None else int(best["generation"])}
 
 
 def _fmt(x: float | None) -> str:

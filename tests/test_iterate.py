@@ -288,3 +288,49 @@ def test_a_resumed_iteration_reports_the_controller_that_collected(iterated, tmp
     assert record["iteration"] == done + 1 and record["collected_by"]["generation"] == began
     params, meta = load_controller(folder / "collectors" / f"iteration_{done + 1}.pt")
     assert meta["generation"] == began
+
+
+def test_critic_only_iterations_train_the_critic_alone_for_the_shield(smoke_run, tmp_path):
+    """iterate.search: false: the first dream's agent collects, only the hazard critic trains on,
+    each iteration's critic is kept in m_history/, and the shield averages them with the agent's."""
+    from agents.agent import agent_critic_paths
+    from agents.shield import CriticAverage
+
+    folder = tmp_path / "run"
+    shutil.copytree(smoke_run.dir, folder)
+    run = open_run(folder, None, [*ITERATE, "iterate.search=false", "model.hazard_horizon=3",
+                                  "controller.shield=0.1", "controller.shield_critics=3"])
+    train_vae(run, progress=False)
+    train_m(run)
+    dream(run, workers=1, progress=False)
+    first = current_m_id(run)
+    dream_m, critic = run.member_path(0).read_bytes(), run.member_path(1).read_bytes()
+    state, generations = load_state(run.path(STATE_FILE)), len(read_jsonl(run.metrics_path("dream")))
+
+    summary = iterate(run, workers=1, progress=False)
+    assert summary["iterations"] == 2 and summary["generation"] == state["generation"]
+    assert len(list_latents(run.latents_dir)) == run.cfg.collect.episodes + 4
+    assert run.member_path(0).read_bytes() == dream_m and run.member_path(1).read_bytes() != critic
+    assert load_checkpoint(run.path("m_ckpt.pt"))["epoch"] == run.cfg.model.epochs  # the dream's M stays
+    assert load_checkpoint(run.path("m1_ckpt.pt"))["epoch"] == run.cfg.model.epochs + 2  # the critic trains on
+    assert len(read_jsonl(run.metrics_path("dream"))) == generations  # no new search
+    after = load_state(run.path(STATE_FILE))
+    assert after["generation"] == state["generation"] and np.array_equal(after["es"].mean, state["es"].mean)
+    records = read_jsonl(run.metrics_path("iterate"))
+    assert [(r["iteration"], r["search"]) for r in records] == [(1, False), (2, False)]
+    assert all(np.isfinite(r["critic_val_loss"]) and "train_critic" in r["seconds"] for r in records)
+
+    ids = run.m_snapshot_ids()
+    assert len(ids) == 3 and ids[0] == first and ids[-1] == current_m_id(run)
+    # The first dream's agent, as select plays it: its own critic, then the two iterations' (newest first).
+    own = m_snapshot_path(run, first)
+    assert agent_critic_paths(run, own) == [m_snapshot_path(run, m_id, 1) for m_id in (first, ids[2], ids[1])]
+    assert isinstance(Agent.from_run(run.dir, run.cfg, np.asarray(state["es"].mean, np.float32), m_path=own).critic,
+                      CriticAverage)
+    assert iterate(run, workers=1, progress=False)["iterations"] == 2  # a rerun has nothing left to do
+    assert len(read_jsonl(run.metrics_path("iterate"))) == 2
+
+
+def test_critic_only_iterations_need_a_critic_to_train(make_run):
+    with pytest.raises(UserError, match="iterate.search: false trains only the hazard critic"):
+        make_run(overrides=["iterate.search=false"])

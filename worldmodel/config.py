@@ -239,6 +239,10 @@ class IterateConfig:
     restart: bool = _f(False, doc="start each iteration's CMA-ES afresh (mean 0, cmaes.sigma0) in the new dream: "
                                   "a centre saturated by an exploited dream may never leave it (docs/results.md, "
                                   "run tj)")
+    search: bool = _f(True, doc="false: an iteration collects with the first dream's agent and trains only the "
+                                "hazard critic (its iterate.m_epochs more), for the shield's average "
+                                "(controller.shield_critics); no new CMA-ES search, the dream's M's stay "
+                                "(docs/results.md, \"Critic-only iterations\")")
     restart_from: str = _f("zero", choices=("zero", "best"),
                            doc="with iterate.restart, the new search's mean: zero, or the controller of the "
                                "best real check so far when it beats the mean return of the collect stage's "
@@ -430,6 +434,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config cmaes.done_calibration: {cfg.cmaes.done_calibration} calibrates on TakeCover's blind "
                         f"pacer: it needs env.name takecover (is {cfg.env.name}) and cmaes.done: threshold (is "
                         f"{cfg.cmaes.done})")
+    it = cfg.iterate
+    if it.iterations and not it.search and not (cfg.model.hazard_horizon and it.m_epochs):
+        raise UserError("config iterate.search: false trains only the hazard critic: it needs model.hazard_horizon "
+                        f"> 0 (is {cfg.model.hazard_horizon}) and iterate.m_epochs > 0 (is {it.m_epochs})")
     committee, c = cfg.controller.committee, cfg.cmaes
     if committee > 1 and (c.select_episodes == 0 or c.select_top < committee):
         raise UserError(f"config controller.committee: {committee} needs select to play that many controllers "
