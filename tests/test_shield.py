@@ -345,6 +345,20 @@ def test_first_dream_screen_cuts_a_run_back_to_its_first_dream(tmp_path):
     assert cut.m_snapshot_ids() == [first, second]
     assert len(Agent.from_run(cut.dir, cut.cfg, params).critic.critics) == 2  # its own and the iteration's
 
+    # The latents of episodes the first dream did not have (an iteration's) stay behind.
+    assert len(list(run.latents_dir.glob("ep_*.npz"))) > run.cfg.collect.episodes
+    assert sorted(p.name for p in cut.latents_dir.glob("ep_*.npz")) == [
+        f"ep_{i:06d}.npz" for i in range(run.cfg.collect.episodes)]
+    assert screen(tmp_path / "ci", "--critic-iterations", "2").returncode == 0
+    ci = open_run(tmp_path / "ci", None, create=False)
+    assert ci.cfg.iterate.iterations == 2 and ci.cfg.iterate.search is False
+    critic_state = load_checkpoint(ci.dir / "m1_ckpt.pt")  # the first critic, to train on from
+    assert critic_state["epoch"] == ci.cfg.model.epochs
+    assert all(torch.equal(w, load_checkpoint(ci.member_path(1))["state_dict"][k])
+               for k, w in critic_state["model"].items())
+    assert "use it with --critics first" in screen(tmp_path / "ci2", "--critic-iterations", "2",
+                                                   "--critics", "all").stderr
+
     again = screen(tmp_path / "fd")
     assert again.returncode != 0 and again.stderr.strip() == f"error: {tmp_path / 'fd'}: already exists (choose a new --out)"
     assert cut.m_snapshot_ids() == [first, second]  # nothing overwritten

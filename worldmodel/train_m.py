@@ -235,7 +235,8 @@ def _load_resume(run: Run, m: WorldModel, opt: torch.optim.Optimizer, data: Late
     return int(ckpt["epoch"])
 
 
-def _save_resume(run: Run, m: WorldModel, opt: torch.optim.Optimizer, epoch: int, member: int) -> None:
+def save_training_state(run: Run, m: WorldModel, opt: torch.optim.Optimizer, epoch: int, member: int) -> None:
+    """M file ``member``'s checkpoint after ``epoch`` epochs: what a rerun resumes from."""
     save_checkpoint(_ckpt_path(run, member), {
         "model": {k: v.detach().cpu() for k, v in m.state_dict().items()},
         "optimizer": opt.state_dict(),
@@ -411,7 +412,7 @@ def _train_member(run: Run, member: int, train: Latents, val: Latents | None,
         record.update(_evaluate(m, train, val, cfg, device))
         record["seconds"] = time.time() - t0
         append_jsonl(metrics_path, record)
-        _save_resume(run, m, opt, epoch, member)
+        save_training_state(run, m, opt, epoch, member)
         print(_format(record) + name, flush=True)
     path = run.member_path(member)
     trained = bool(record)
