@@ -13,9 +13,11 @@ and ``cmaes.pkl`` keeps only those checks.  ``--critics first`` keeps only that 
 the first critic with the iterations' (``controller.shield_critics``), as the run's own ``select``
 played them, and copies the run's ``select.json`` (its scores of these controllers hold).
 ``--critic-iterations K`` (with ``--critics first``) instead sets ``iterate.iterations: K`` and
-``iterate.search: false`` and runs those critic-only iterations: what the same seeds would make
-with them, but for one thing: the run kept no training state of its first critic, so the critic
-goes on from its weights with a fresh Adam (a run of its own carries Adam's moments over).
+``iterate.search: false`` and runs those critic-only iterations, each collecting with the
+controller that collected the run's first iteration (the first dream's last centre): what the
+same seeds would make with them, but for one thing: the run kept no training state of its first
+critic, so the critic goes on from its weights with a fresh Adam (a run of its own carries
+Adam's moments over).
 Then ``select`` picks among the first dream's checks in ``--out``; score the pick with
 ``python run.py evaluate --run OUT``.
 Results: docs/results.md, "The iterations' worth is in their critics".
@@ -37,6 +39,8 @@ def build(src: Path, out: Path, critics: str, critic_iterations: int = 0) -> lis
     import torch
 
     from agents.cmaes import STATE_FILE, load_state, save_state
+    from agents.controller import load_controller, save_controller
+    from agents.iterate import COLLECTORS_DIR
     from agents.select import SELECT_FILE
     from worldmodel.episodes import episode_index
     from worldmodel.errors import UserError
@@ -54,6 +58,15 @@ def build(src: Path, out: Path, critics: str, critic_iterations: int = 0) -> lis
     state["checks"] = [ch for ch in state.get("checks", []) if ch.get("m") == first and "key" not in ch]
     if not state["checks"]:
         raise UserError(f"{run.path(STATE_FILE)}: no real check was played with the first M ({first})")
+    if critic_iterations:
+        # Every iteration collects with the first dream's agent: the controller that collected the
+        # run's first iteration (cmaes.pkl's search state is the run's last one).
+        first_collector = src / COLLECTORS_DIR / "iteration_1.pt"
+        if not first_collector.exists():
+            raise UserError(f"{first_collector}: not found; the run kept no controller of its first dream's end")
+        params, meta = load_controller(first_collector)
+        if meta.get("m") != first:
+            raise UserError(f"{first_collector}: played with M {meta.get('m')}, not the first M ({first})")
     out.mkdir(parents=True)
     for name in ("episodes", "latents"):  # the first dream's data; an iteration's files would stop its collection
         (out / name).mkdir()
@@ -75,7 +88,11 @@ def build(src: Path, out: Path, critics: str, critic_iterations: int = 0) -> lis
     for member in range(run.m_files):
         shutil.copyfile(run.m_snapshot_path(first, member), cut.member_path(member))
     save_state(cut.path(STATE_FILE), state)
-    if critic_iterations:  # the first critic's training state, with a fresh Adam (the run kept no older one)
+    if critic_iterations:
+        (cut.dir / COLLECTORS_DIR).mkdir()
+        for i in range(1, critic_iterations + 1):
+            save_controller(cut.dir / COLLECTORS_DIR / f"iteration_{i}.pt", params, {**meta, "iteration": i})
+        # The first critic's training state, with a fresh Adam (the run kept no older one).
         member = cut.cfg.model.ensemble
         critic = load_m(cut.member_path(member), cut.cfg)
         save_training_state(cut, critic, torch.optim.Adam(critic.parameters(), lr=cut.cfg.model.lr),

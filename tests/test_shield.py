@@ -17,7 +17,7 @@ from test_train_m import Z as M_Z
 
 from agents.agent import Agent, agent_critic_paths, shield_critic_paths
 from agents.cmaes import m_snapshot_path
-from agents.controller import ControllerSpec, save_controller
+from agents.controller import ControllerSpec, load_controller, save_controller
 from agents.select import _cache_key
 from agents.shield import CriticAverage
 from worldmodel.errors import UserError
@@ -349,9 +349,17 @@ def test_first_dream_screen_cuts_a_run_back_to_its_first_dream(tmp_path):
     assert len(list(run.latents_dir.glob("ep_*.npz"))) > run.cfg.collect.episodes
     assert sorted(p.name for p in cut.latents_dir.glob("ep_*.npz")) == [
         f"ep_{i:06d}.npz" for i in range(run.cfg.collect.episodes)]
+    assert "iteration_1.pt: not found" in screen(tmp_path / "ci0", "--critic-iterations", "2").stderr
+    assert not (tmp_path / "ci0").exists()
+    collector = np.arange(params.size, dtype=np.float32)  # the first dream's last centre, as iterate keeps it
+    (run.dir / "collectors").mkdir()
+    save_controller(run.dir / "collectors" / "iteration_1.pt", collector, {"iteration": 1, "generation": 40, "m": first})
     assert screen(tmp_path / "ci", "--critic-iterations", "2").returncode == 0
     ci = open_run(tmp_path / "ci", None, create=False)
     assert ci.cfg.iterate.iterations == 2 and ci.cfg.iterate.search is False
+    for i in (1, 2):  # each iteration collects with it
+        kept, meta = load_controller(ci.dir / "collectors" / f"iteration_{i}.pt")
+        assert np.array_equal(kept, collector) and meta == {"iteration": i, "generation": 40, "m": first}
     critic_state = load_checkpoint(ci.dir / "m1_ckpt.pt")  # the first critic, to train on from
     assert critic_state["epoch"] == ci.cfg.model.epochs
     assert all(torch.equal(w, load_checkpoint(ci.member_path(1))["state_dict"][k])
