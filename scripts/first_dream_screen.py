@@ -75,8 +75,8 @@ def build(src: Path, out: Path, critics: str, critic_iterations: int = 0) -> lis
                 os.link(path, out / name / path.name)
     for name in ["vae.pt", "vae_ckpt.pt", "controller.pt", "config.yaml", "episodes/manifest.json"] + (
             [SELECT_FILE] if critics == "all" else []):
-        if (src / name).exists():
-            shutil.copyfile(src / name, out / name)
+        if (src / name).exists():  # with its time: V older than the latents, so they are not encoded again
+            shutil.copy2(src / name, out / name)
     iterate = ["iterate.iterations=0"] if not critic_iterations else [
         f"iterate.iterations={critic_iterations}", "iterate.search=false"]
     cut = open_run(out, None, overrides=iterate)
