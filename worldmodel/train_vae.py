@@ -230,11 +230,9 @@ def _save_state(path: Path, vae: ConvVAE, opt: torch.optim.Optimizer, epoch: int
     })
 
 
-def _partial(path: Path) -> dict | None:
-    """Where the checkpoint at ``path`` left an unfinished epoch (None: at an epoch's end, or none)."""
-    if not path.exists():
-        return None
-    partial = load_checkpoint(path).get("partial")
+def _partial(path: Path, ckpt: dict) -> dict | None:
+    """Where checkpoint ``ckpt`` (read from ``path``) left an unfinished epoch (None: at an epoch's end)."""
+    partial = ckpt.get("partial")
     needed = {"epoch", "batches", "seen", "seconds", "numpy_rng", "sums"}
     if partial is not None and not (isinstance(partial, dict) and needed <= set(partial)
                                     and set(TERMS) <= set(partial["sums"])):
@@ -244,11 +242,11 @@ def _partial(path: Path) -> dict | None:
 
 
 def _resume(path: Path, vae: ConvVAE, opt: torch.optim.Optimizer, rng: np.random.Generator,
-            lr: float) -> int:
-    """Load the training state saved at ``path``; returns the last finished epoch (0 when none).
-    An unfinished epoch's place is :func:`_partial`'s."""
+            lr: float) -> tuple[int, dict | None]:
+    """Load the training state saved at ``path``; returns the last finished epoch (0 when none)
+    and where the next one stands when the checkpoint was taken inside it (:func:`_partial`)."""
     if not path.exists():
-        return 0
+        return 0, None
     ckpt = load_checkpoint(path)
     missing = [k for k in ("epoch", "model", "optimizer", "torch_rng", "cuda_rng", "numpy_rng") if k not in ckpt]
     if missing:
@@ -261,7 +259,7 @@ def _resume(path: Path, vae: ConvVAE, opt: torch.optim.Optimizer, rng: np.random
     if ckpt["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     rng.bit_generator.state = ckpt["numpy_rng"]
-    return int(ckpt["epoch"])
+    return int(ckpt["epoch"]), _partial(path, ckpt)
 
 
 def _trim_metrics(path: Path, last_epoch: int) -> list[dict]:
@@ -417,14 +415,14 @@ def _train_vae(run: Run, skip_bad: bool, progress: bool) -> dict:
     vae = ConvVAE.from_config(run.cfg).to(device)
     opt = make_optimizer(vae, cfg.lr)
     ckpt_path = checkpoint_path(run)
-    done = _resume(ckpt_path, vae, opt, rng, cfg.lr)
+    done, partial = _resume(ckpt_path, vae, opt, rng, cfg.lr)
+    partial = partial if done < cfg.epochs else None  # (vae.epochs lowered since: nothing left to resume)
     metrics_path = run.metrics_path("vae")
     records = _trim_metrics(metrics_path, done)
 
     writer = _tensorboard(run) if done < cfg.epochs else None
     grid = _grid_frames(frames, val, train)
     weights = balance_table(frames, train, cfg, device) if done < cfg.epochs else None
-    partial = _partial(ckpt_path) if done < cfg.epochs else None
     if partial is not None and (partial["epoch"] != done + 1 or partial.get("train_frames") != len(train)):
         print(f"{ckpt_path}: its unfinished epoch had other training frames ({partial.get('train_frames')}, "
               f"now {len(train)}): epoch {done + 1} starts over from the checkpoint's weights", flush=True)
